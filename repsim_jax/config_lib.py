@@ -1,0 +1,199 @@
+"""Config helpers: `get_config(arg)` argument strings and start-up validation.
+
+Configs follow big_vision: `configs/X.py:get_config(arg)` where `arg` is `key=value,...`, then
+`--config.a.b=c` overrides (ml_collections' config_flags). Everything is checked once, at start-up,
+so a typo fails in a second instead of after an hour of training.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import ml_collections
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """Parses `"k1=v1,k2=v2"` into a ConfigDict, typed by `defaults`.
+
+  Every key must appear in `defaults` (its value sets the type); an unknown key is an error.
+  """
+  out = ml_collections.ConfigDict(defaults)
+  if not arg:
+    return out
+  for item in arg.split(","):
+    if not item.strip():
+      continue
+    if "=" not in item:
+      raise ValueError(f"config arg {item!r}: expected key=value (known keys: {sorted(defaults)})")
+    key, value = (s.strip() for s in item.split("=", 1))
+    if key not in defaults:
+      raise ValueError(f"config arg: unknown key {key!r} (known keys: {sorted(defaults)})")
+    out[key] = _coerce(key, value, defaults[key])
+  return out
+
+
+def _coerce(key: str, value: str, default: Any):
+  try:
+    if isinstance(default, bool):
+      if value.lower() in ("1", "true", "yes"):
+        return True
+      if value.lower() in ("0", "false", "no"):
+        return False
+      raise ValueError
+    if isinstance(default, int):
+      return int(value)
+    if isinstance(default, float):
+      return float(value)
+  except ValueError:
+    raise ValueError(f"config arg {key}={value!r}: expected {type(default).__name__}") from None
+  return value
+
+
+def check_choice(config: ml_collections.ConfigDict, key: str, choices) -> None:
+  """One-line error when `config.<key>` (dotted) is not one of `choices`."""
+  value = config
+  for part in key.split("."):
+    value = value[part]
+  if value not in choices:
+    raise ValueError(f"config.{key}={value!r}: expected one of {sorted(choices)}")
+
+
+def check_positive(config: ml_collections.ConfigDict, *keys: str) -> None:
+  for key in keys:
+    value = config
+    for part in key.split("."):
+      value = value[part]
+    if not value > 0:
+      raise ValueError(f"config.{key}={value!r}: expected a positive number")
+
+
+def atomic_write_text(path: str, text: str) -> None:
+  """Writes then renames, so a reader never sees half a file and a crash never corrupts one."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f"{path}.tmp.{os.getpid()}"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Writes the resolved config (what actually ran) as JSON to `workdir/config.json`."""
+  atomic_write_text(os.path.join(workdir, "config.json"),
+                    json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str) + "\n")
+
+
+def train_config() -> ml_collections.ConfigDict:
+  """Every key the trainer reads, with defaults; configs/*.py start from this and change a few."""
+  c = ml_collections.ConfigDict()
+  c.job = "train"
+  c.name = ""
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "synthetic"     # medmnist | image_folder | tfds | synthetic
+  c.data.name = "medical_gray"    # MedMNIST / TFDS name; for synthetic, the kind
+  c.data.kind = "medical_gray"    # synthetic: natural | medical_gray | medical_rgb
+  c.data.data_dir = "data"
+  c.data.size = 28                # stored MedMNIST size (28/64/128/224) or synthetic size
+  c.data.image_size = 0           # model input size; 0 = stored size
+  c.data.channels = 3             # model input channels (grayscale is repeated); 0 = stored
+  c.data.mean = (0.5, 0.5, 0.5)
+  c.data.std = (0.25, 0.25, 0.25)
+  c.data.augment = "flip_crop"    # none | flip_crop
+  c.data.worker_count = 0
+  c.data.num_classes = 4          # synthetic
+  c.data.train_size = 2000          # synthetic
+  c.data.val_size = 400           # synthetic
+  c.data.test_size = 800           # synthetic
+  c.data.difficulty = 0.5         # synthetic: 0 easy .. 1 hard
+  c.data.imbalance = 1.0          # synthetic: ratio of largest to smallest class
+  c.data.seed = 0                 # synthetic: generator seed
+  c.data.task = ""                # image_folder / tfds: override the derived task
+  c.data.root = ""                # image_folder: images (and the CSV) live here
+  c.data.csv = ""                 # image_folder: path,label[,split] rows; "" = a folder per class
+  c.data.val_fraction = 0.1       # image_folder without a split column
+  c.data.test_fraction = 0.1
+  c.data.split_seed = 0
+  c.data.path_column = "path"
+  c.data.label_column = "label"
+  c.data.split_column = "split"
+  c.data.path_suffix = ""
+  c.data.builder_dir = ""         # tfds: a prepared dataset directory instead of name + data_dir
+  c.data.splits = ml_collections.ConfigDict({"train": "train", "val": "validation", "test": "test"})
+  c.data.image_key = "image"      # tfds
+  c.data.label_key = "label"      # tfds
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "resnet_small"
+  c.model.num_classes = 0         # 0 = the dataset's
+  c.model.dtype = "float32"       # computation dtype: float32 | bfloat16
+  c.model.init = ""               # run dir, .safetensors/.pth, or ViT .npz; "" = random init
+  c.model.reset_head = True       # new head for the new task when loading weights
+  c.model.kwargs = ml_collections.ConfigDict()
+
+  c.method = method_config("full_ft")
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.name = "momentum"       # sgd | momentum | adam | adamw
+  c.optim.lr = 0.05
+  c.optim.momentum = 0.9
+  c.optim.nesterov = False
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.weight_decay = 5e-4
+  c.optim.clip_norm = 0.0
+  c.optim.schedule = "cosine"     # constant | cosine
+  c.optim.warmup_steps = 20
+  c.optim.lr_mults = ()           # (("regex", multiplier), ...)
+  c.optim.freeze = ""             # regex of parameters that do not train
+
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 64         # global batch, split over devices and processes
+  c.train.eval_batch_size = 0     # 0 = batch_size
+  c.train.num_steps = 0
+  c.train.num_epochs = 5.0
+  c.train.log_every = 20
+  c.train.eval_every = 0          # 0 = only at the end
+  c.train.eval_splits = ("val", "test")
+  c.train.checkpoint_every = 200
+  c.train.keep_checkpoints = 2
+  c.train.tensorboard = True
+
+  c.parallel = ml_collections.ConfigDict()
+  c.parallel.backend = "shard_map"  # shard_map | pmap
+  c.parallel.num_devices = -1       # -1 = all
+  c.parallel.coordinator_address = ""
+  c.parallel.num_processes = 1
+  c.parallel.process_id = 0
+  return c
+
+
+def method_config(name: str = "full_ft", **overrides) -> ml_collections.ConfigDict:
+  """Every method hyper-parameter (DESIGN §1); each method reads the ones it needs."""
+  m = ml_collections.ConfigDict()
+  m.name = name  # full_ft | linear_probe | lp_ft | l2sp | delta | bss | sam | asam | repsim
+  # RepSim / DELTA / BSS strength λ, optionally warmed up.
+  m.lam = 1.0
+  m.lam_schedule = "constant"     # constant | warmup
+  m.lam_warmup_steps = 0
+  m.layers = ("pre_logits",)      # regularised representations (RepSim, DELTA)
+  m.layer_weights = ()            # one weight per layer; () = all 1
+  # RepSim.
+  m.q_mode = "learned"            # learned | procrustes | identity | covariance | cka
+  m.q_init = "identity"           # identity | procrustes
+  m.q_optimizer = "sgd"           # sgd | adam (Riemannian, on the Stiefel manifold)
+  m.q_lr = 0.1
+  m.q_momentum = 0.9
+  m.retraction = "qr"             # qr | cayley | polar
+  m.init_batches = 1              # batches used to initialise Q / C_P
+  # L2-SP: ½α‖w − w₀‖² (backbone) + ½β‖w‖² (head); DELTA uses β for its head term too.
+  m.alpha = 0.01
+  m.beta = 0.01
+  m.bss_k = 1                     # BSS: number of smallest singular values shrunk
+  m.lp_steps = 100                # LP-FT: linear-probing steps before full fine-tuning
+  m.rho = 0.05                    # SAM / ASAM radius
+  m.eta = 0.01                    # ASAM: T_w = |w| + η
+  m.update(overrides)
+  return m

@@ -1,0 +1,96 @@
+"""The embedded default job: pretrain on a synthetic source, fine-tune on a synthetic target with
+each configured method, and report the target metrics side by side (results.json + a plot).
+
+Each stage is an ordinary training run in its own sub-directory, so re-running the command
+resumes whichever stage was interrupted and skips finished ones.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import jax
+
+from repsim_jax import config_lib, train
+
+REPORT_KEYS = ("accuracy", "balanced_accuracy", "auc", "f1")
+
+
+def _finished(workdir: str):
+  path = os.path.join(workdir, "results.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  return None
+
+
+def _stage(cfg, workdir):
+  done = _finished(workdir)
+  if done is not None:
+    print(f"[{cfg.name}] already finished: {workdir}/results.json", flush=True)
+    return done
+  out = train.train_and_evaluate(cfg, workdir)
+  return {k: v for k, v in out.items() if k not in ("state", "dp")}
+
+
+def run(config, workdir: str) -> dict:
+  pre_dir = os.path.join(workdir, "pretrain")
+  pretrain = _stage(config.pretrain, pre_dir)
+  rows = {}
+  for key, method_cfg in config.methods.items():
+    f = copy.deepcopy(config.finetune)
+    with f.unlocked():
+      f.name = f"finetune_{key}"
+      f.model.init = pre_dir
+      f.method = copy.deepcopy(method_cfg)
+    res = _stage(f, os.path.join(workdir, f"finetune_{key}"))
+    rows[key] = {"test": {k: res["final"]["test"][k] for k in REPORT_KEYS
+                          if k in res["final"]["test"]},
+                 "extra": res.get("extra", {})}
+  summary = {"pretrain_val": pretrain["final"].get("val", {}), "methods": rows}
+  if jax.process_index() == 0:
+    config_lib.atomic_write_text(os.path.join(workdir, "results.json"),
+                                 json.dumps(summary, indent=2) + "\n")
+    plot(rows, os.path.join(workdir, "results.png"))
+    print(table(rows), flush=True)
+    print(f"results: {workdir}/results.json, {workdir}/results.png", flush=True)
+  return summary
+
+
+def table(rows: dict) -> str:
+  cols = [k for k in REPORT_KEYS if any(k in r["test"] for r in rows.values())]
+  extra = sorted({k for r in rows.values() for k in r.get("extra", {})})
+  head = f"{'method':<22}" + "".join(f"{c:>19}" for c in cols + extra)
+  lines = [head, "-" * len(head)]
+  for name, r in rows.items():
+    vals = [r["test"].get(c, float("nan")) for c in cols] + [r["extra"].get(c, float("nan"))
+                                                             for c in extra]
+    lines.append(f"{name:<22}" + "".join(f"{v:>19.4f}" for v in vals))
+  return "\n".join(lines)
+
+
+def plot(rows: dict, path: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  import numpy as np
+  cols = [k for k in REPORT_KEYS if any(k in r["test"] for r in rows.values())]
+  extra = sorted({k for r in rows.values() for k in r.get("extra", {})})
+  keys = cols + extra
+  fig, ax = plt.subplots(figsize=(1.6 * len(keys) + 2, 3.2))
+  width = 0.8 / max(len(rows), 1)
+  x = np.arange(len(keys))
+  for i, (name, r) in enumerate(rows.items()):
+    vals = [r["test"].get(k, r["extra"].get(k, np.nan)) for k in keys]
+    ax.bar(x + i * width, vals, width, label=name)
+  ax.set_xticks(x + width * (len(rows) - 1) / 2, keys, rotation=20)
+  ax.set_ylim(0, 1)
+  ax.set_title("synthetic target, test split")
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  tmp = path + ".tmp.png"
+  fig.savefig(tmp, dpi=110)
+  plt.close(fig)
+  os.replace(tmp, path)

@@ -1,0 +1,37 @@
+"""The jobs `main.py` runs, chosen by `config.job`."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+from repsim_jax import parallel
+
+
+def run(config, workdir: str):
+  job = config.job
+  if job not in JOBS:
+    raise ValueError(f"config.job={job!r}: expected one of {sorted(JOBS)}")
+  if "parallel" in config:
+    parallel.initialize_distributed(config.parallel)
+  os.makedirs(workdir, exist_ok=True)
+  return JOBS[job](config, workdir)
+
+
+def _train(config, workdir):
+  from repsim_jax import train
+  results = train.train_and_evaluate(config, workdir)
+  if jax.process_index() == 0:
+    test = results["final"].get("test", {})
+    print(f"done: {workdir}/results.json  test " +
+          "  ".join(f"{k}={v:.4f}" for k, v in test.items() if k in ("accuracy", "auc", "f1")))
+  return results
+
+
+def _default(config, workdir):
+  from repsim_jax import default_run
+  return default_run.run(config, workdir)
+
+
+JOBS = {"train": _train, "default": _default}

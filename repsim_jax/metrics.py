@@ -1,0 +1,79 @@
+"""Classification metrics that fit the task, computed on the host from gathered scores.
+
+Evaluation gathers logits for a whole split (a few thousand rows for medical sets), so exact
+NumPy metrics are cheaper and clearer than streaming approximations on device.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+TASKS = ("multiclass", "binary", "multilabel", "ordinal")
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+  z = logits - logits.max(axis=-1, keepdims=True)
+  e = np.exp(z)
+  return e / e.sum(axis=-1, keepdims=True)
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+  return 1.0 / (1.0 + np.exp(-x))
+
+
+def binary_auc(scores: np.ndarray, positives: np.ndarray) -> float:
+  """ROC AUC by the Mann-Whitney U statistic (average ranks for ties); NaN if one class is absent."""
+  scores = np.asarray(scores, np.float64)
+  positives = np.asarray(positives).astype(bool)
+  n_pos = int(positives.sum())
+  n_neg = positives.size - n_pos
+  if n_pos == 0 or n_neg == 0:
+    return float("nan")
+  order = np.argsort(scores, kind="mergesort")
+  sorted_scores = scores[order]
+  ranks = np.empty(scores.size, np.float64)
+  # Average rank within each run of tied scores.
+  _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
+  avg = first + (counts + 1) / 2.0
+  ranks[order] = np.repeat(avg, counts)
+  return float((ranks[positives].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def classification_metrics(logits: np.ndarray, labels: np.ndarray, task: str) -> dict[str, float]:
+  """Metrics for `task` from logits (N, C) and integer labels (N,) or multi-hot (N, L).
+
+  multiclass / ordinal / binary (softmax over C outputs): accuracy, balanced accuracy, macro F1,
+  macro one-vs-rest AUC (binary: the AUC of the positive class). multilabel (sigmoid): mean
+  per-label accuracy at 0.5, macro AUC and one `auc_<i>` per label.
+  """
+  logits = np.asarray(logits, np.float64)
+  labels = np.asarray(labels)
+  if task == "multilabel":
+    probs = sigmoid(logits)
+    aucs = [binary_auc(probs[:, i], labels[:, i]) for i in range(labels.shape[1])]
+    out = {"accuracy": float(((probs > 0.5) == labels.astype(bool)).mean()),
+           "auc": float(np.nanmean(aucs)) if not np.all(np.isnan(aucs)) else float("nan")}
+    out.update({f"auc_{i}": a for i, a in enumerate(aucs)})
+    return out
+  if task not in TASKS:
+    raise ValueError(f"task={task!r}: expected one of {TASKS}")
+  num_classes = logits.shape[1]
+  probs = softmax(logits)
+  pred = probs.argmax(-1)
+  recalls, f1s = [], []
+  for c in range(num_classes):
+    tp = np.sum((pred == c) & (labels == c))
+    support = np.sum(labels == c)
+    predicted = np.sum(pred == c)
+    if support:
+      recalls.append(tp / support)
+    f1s.append(2 * tp / (support + predicted) if support + predicted else 0.0)
+  if num_classes == 2:
+    auc = binary_auc(probs[:, 1], labels == 1)
+  else:
+    per_class = [binary_auc(probs[:, c], labels == c) for c in range(num_classes)]
+    auc = float(np.nanmean(per_class)) if not np.all(np.isnan(per_class)) else float("nan")
+  return {"accuracy": float(np.mean(pred == labels)),
+          "balanced_accuracy": float(np.mean(recalls)),
+          "f1": float(np.mean(f1s)),
+          "auc": float(auc)}

@@ -1,0 +1,127 @@
+"""Builds the optax optimiser a config asks for.
+
+`config.optim`: name (sgd | momentum | adam | adamw), lr, momentum, nesterov, b1, b2,
+weight_decay, clip_norm, schedule (constant | cosine), warmup_steps, lr_mults (tuple of
+(regex, multiplier) pairs, first match wins) and freeze (regex; matching leaves get no update and
+no optimiser state). Regexes are matched with `re.search` against '/'-joined parameter paths,
+e.g. 'model/layer4_1/conv2/kernel'.
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import optax
+
+OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
+SCHEDULES = ("constant", "cosine")
+
+
+def path_str(path) -> str:
+  """'/'-joined names of a `jax.tree_util` key path."""
+  parts = []
+  for k in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+    else:
+      parts.append(str(k))
+  return "/".join(parts)
+
+
+def tree_paths(tree):
+  """Same-structure tree of '/'-joined path strings."""
+  return jax.tree_util.tree_map_with_path(lambda p, _: path_str(p), tree)
+
+
+def learning_rate_schedule(cfg, num_steps: int) -> optax.Schedule:
+  if cfg.schedule == "constant":
+    if cfg.warmup_steps:
+      return optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps)
+    return optax.constant_schedule(cfg.lr)
+  if cfg.schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=cfg.lr, warmup_steps=cfg.warmup_steps,
+        decay_steps=max(num_steps, cfg.warmup_steps + 1), end_value=0.0)
+  raise ValueError(f"config.optim.schedule={cfg.schedule!r}: expected one of {list(SCHEDULES)}")
+
+
+def _base(cfg, lr) -> optax.GradientTransformation:
+  if cfg.name == "sgd":
+    return optax.sgd(lr)
+  if cfg.name == "momentum":
+    return optax.sgd(lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+  if cfg.name == "adam":
+    return optax.adam(lr, b1=cfg.b1, b2=cfg.b2)
+  if cfg.name == "adamw":
+    return optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay,
+                       mask=_decay_mask)
+  raise ValueError(f"config.optim.name={cfg.name!r}: expected one of {list(OPTIMIZERS)}")
+
+
+def _decay_mask(params):
+  # Decay weights, not biases or norm scales (the usual convention: ndim > 1).
+  return jax.tree.map(lambda x: x.ndim > 1, params)
+
+
+def _first_match(rules, default):
+  """path -> value of the first (compiled regex, value) rule whose regex is found in the path."""
+  def fn(path, _):
+    p = path_str(path)
+    for rx, value in rules:
+      if rx.search(p):
+        return value
+    return default
+  return fn
+
+
+def scale_by_multipliers(rules) -> optax.GradientTransformation:
+  """Multiplies update leaves by the first matching (regex, multiplier) rule (else 1).
+
+  Per-parameter-group learning rates: for SGD and Adam alike, scaling the final update by m is
+  the same as scaling that group's learning rate by m. Paths are resolved at update time, so the
+  transform also works inside `optax.partition` (masked leaves are skipped).
+  """
+  compiled = [(re.compile(rx), float(m)) for rx, m in rules]
+
+  def init_fn(params):
+    del params
+    return optax.EmptyState()
+
+  def update_fn(updates, state, params=None):
+    del params
+    mult = _first_match(compiled, 1.0)
+    return jax.tree_util.tree_map_with_path(
+        lambda p, u: u * jnp.asarray(mult(p, u), u.dtype), updates), state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def make_optimizer(cfg, num_steps: int, params) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """Returns (tx, schedule); `params` (the trainable pytree) is used to check the regexes."""
+  schedule = learning_rate_schedule(cfg, num_steps)
+  parts = []
+  if cfg.clip_norm:
+    parts.append(optax.clip_by_global_norm(cfg.clip_norm))
+  if cfg.weight_decay and cfg.name != "adamw":
+    # Coupled L2 for SGD (torchvision recipes), decoupled inside adamw.
+    parts.append(optax.add_decayed_weights(cfg.weight_decay, mask=_decay_mask))
+  parts.append(_base(cfg, schedule))
+  if cfg.lr_mults:
+    parts.append(scale_by_multipliers(cfg.lr_mults))
+  tx = optax.chain(*parts)
+  if cfg.freeze:
+    tx = freeze(tx, params, cfg.freeze)
+  return tx, schedule
+
+
+def freeze(tx: optax.GradientTransformation, params, regex: str) -> optax.GradientTransformation:
+  """Leaves whose path matches `regex` get zero updates and no optimiser state."""
+  label = _first_match([(re.compile(regex), "frozen")], "trainable")
+  labels = lambda tree: jax.tree_util.tree_map_with_path(label, tree)  # noqa: E731
+  if all(l == "frozen" for l in jax.tree.leaves(labels(params))):
+    raise ValueError(f"config.optim.freeze={regex!r} freezes every parameter")
+  return optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()}, labels)

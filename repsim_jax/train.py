@@ -1,0 +1,364 @@
+"""The trainer: pretraining and fine-tuning are the same loop with different configs.
+
+`train_step` and `eval_step` are pure per-device functions (see `parallel.py`); the host loop
+feeds batches, logs, evaluates, checkpoints and resumes. Everything a run needs to continue
+after preemption (parameters, optimiser, method state, data iterator, step; the RNG is derived
+from the step) is in the checkpoint, so re-running the same command resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from repsim_jax import checkpoint as ckpt_lib
+from repsim_jax import config_lib, data, metrics as metrics_lib, metric_writers, models, parallel
+from repsim_jax import methods as methods_lib
+from repsim_jax.data import pipeline
+from repsim_jax.optim import optimizers
+
+AXIS = parallel.AXIS
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any             # {'model': model params, 'method': method params}
+  batch_stats: Any        # the model's BatchNorm running statistics
+  opt_state: Any
+  ref_variables: Any      # frozen pretrained variables ({} when the method needs none)
+  nonfinite_step: jax.Array  # first step whose loss was NaN/Inf, -1 if none
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses and steps (pure, per device).
+# ---------------------------------------------------------------------------------------------
+def per_example_loss(logits, labels, task: str):
+  logits = logits.astype(jnp.float32)
+  if task == "multilabel":
+    return optax.sigmoid_binary_cross_entropy(logits, labels.astype(jnp.float32)).mean(-1)
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def _correct(logits, labels, task: str):
+  if task == "multilabel":
+    return ((logits > 0) == (labels > 0)).mean(-1).astype(jnp.float32)
+  return (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+
+
+def make_train_step(model, method: methods_lib.Method, tx, task: str):
+  """Per-device `train_step(state, batch, rng) -> (state, metrics)`.
+
+  The local objective is the local mean task loss plus the method's term (computed from
+  global-batch statistics); gradients are `pmean`-ed over AXIS, which gives exactly the gradient
+  of the global-batch objective, also through synchronised BatchNorm and all-gathered features.
+  """
+
+  def train_step(state: TrainState, batch, rng):
+    del rng  # No stochastic layers; methods that need noise derive it from (rng, step).
+    images, labels = batch["image"], batch["label"]
+    ref_reps = None
+    if method.reference_forward:
+      _, ref_reps = model.apply(state.ref_variables, images, train=False)
+      ref_reps = jax.lax.stop_gradient(ref_reps)
+    bn_train = method.bn_train(state.step)
+
+    def forward(params):
+      variables = {"params": params["model"], "batch_stats": state.batch_stats}
+
+      def train_mode(_):
+        (logits, reps), new_vars = model.apply(variables, images, train=True,
+                                               mutable=["batch_stats"])
+        return logits, reps, new_vars.get("batch_stats", state.batch_stats)
+
+      def eval_mode(_):
+        logits, reps = model.apply(variables, images, train=False)
+        return logits, reps, state.batch_stats
+
+      if isinstance(bn_train, bool):
+        return train_mode(None) if bn_train else eval_mode(None)
+      return jax.lax.cond(bn_train, train_mode, eval_mode, None)
+
+    def loss_fn(params):
+      logits, reps, new_stats = forward(params)
+      task_loss = jnp.mean(per_example_loss(logits, labels, task))
+      reg, reg_metrics = method.loss(params, reps, ref_reps, state.ref_variables, state.step)
+      return task_loss + reg, (task_loss, reg_metrics, logits, new_stats)
+
+    grads, (task_loss, reg_metrics, logits, new_stats) = method.gradients(
+        jax.grad(loss_fn, has_aux=True), state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new_stats = parallel.pmean(new_stats)  # already equal with synced BN; keeps replicas exact
+    loss = jax.lax.pmean(task_loss, AXIS)
+    nonfinite = jnp.where((state.nonfinite_step < 0) & ~jnp.isfinite(loss),
+                          state.step, state.nonfinite_step)
+    metrics = {"loss": loss,
+               "accuracy": jax.lax.pmean(jnp.mean(_correct(logits, labels, task)), AXIS),
+               "grad_norm": optax.tree.norm(grads)}
+    metrics.update(parallel.pmean(reg_metrics))
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
+                              opt_state=opt_state, nonfinite_step=nonfinite)
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(model):
+  """Per-device `eval_step(state, batch, rng) -> (None-like scalar, logits)`; metrics on host."""
+
+  def eval_step(state: TrainState, batch, rng):
+    del rng
+    variables = {"params": state.params["model"], "batch_stats": state.batch_stats}
+    logits, _ = model.apply(variables, batch["image"], train=False)
+    return jnp.zeros(()), logits.astype(jnp.float32)
+
+  return eval_step
+
+
+# ---------------------------------------------------------------------------------------------
+# Host side.
+# ---------------------------------------------------------------------------------------------
+def num_train_steps(cfg, train_size: int) -> int:
+  if cfg.train.num_steps > 0:
+    return int(cfg.train.num_steps)
+  return max(1, int(math.ceil(cfg.train.num_epochs * train_size / cfg.train.batch_size)))
+
+
+def init_model_variables(model, cfg, image_shape, rng) -> dict:
+  dummy = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
+  variables = jax.jit(lambda r: model.init(r, dummy, train=False))(rng)
+  return jax.tree.map(np.asarray, flax.core.unfreeze(variables))
+
+
+def load_init_variables(cfg, model_variables: dict) -> dict:
+  """Pretrained variables for `config.model.init`, head re-initialised when the task differs."""
+  pretrained = ckpt_lib.load_pretrained(cfg.model.init, cfg.model.name)
+  pretrained.setdefault("batch_stats", {})
+  fresh = model_variables
+  where = f"config.model.init={cfg.model.init}"
+  ckpt_lib.check_compatible(
+      {k: v for k, v in pretrained.items() if k in ("params", "batch_stats")},
+      {k: v for k, v in fresh.items() if k in ("params", "batch_stats")},
+      where, ignore="params/head")
+  params = dict(pretrained["params"])
+  head_ok = ("head" in params and "head" in fresh["params"] and
+             jax.tree.map(np.shape, params["head"]) == jax.tree.map(np.shape, fresh["params"]["head"]))
+  if cfg.model.reset_head or not head_ok:
+    if "head" in fresh["params"]:
+      params["head"] = fresh["params"]["head"]
+    else:
+      params.pop("head", None)
+  return {"params": params, "batch_stats": pretrained.get("batch_stats", {})}
+
+
+def input_shape(cfg, info) -> tuple[int, int, int]:
+  size = cfg.data.image_size or info.image_shape[0]
+  return (size, size, cfg.data.channels or info.image_shape[2])
+
+
+def make_iters(cfg, splits, info, *, seed: int):
+  shape = input_shape(cfg, info)
+  common = dict(global_batch_size=cfg.train.batch_size, image_size=shape[0], channels=shape[2],
+                mean=tuple(cfg.data.mean), std=tuple(cfg.data.std),
+                process_index=jax.process_index(), process_count=jax.process_count())
+  train_iter = pipeline.make_train_iter(splits["train"], augment=cfg.data.augment, seed=seed,
+                                        worker_count=cfg.data.worker_count, **common)
+  eval_batch = cfg.train.eval_batch_size or cfg.train.batch_size
+
+  def eval_iter(split):
+    kw = dict(common, global_batch_size=eval_batch)
+    return pipeline.make_eval_iter(splits[split], **kw)
+  return train_iter, eval_iter
+
+
+def evaluate(dp, p_eval, state, eval_iter_fn, split, info, max_batches: int = 0) -> dict:
+  logits, labels = [], []
+  for i, batch in enumerate(eval_iter_fn(split)):
+    if max_batches and i >= max_batches:
+      break
+    mask = np.asarray(batch["mask"]) > 0
+    _, out = p_eval(state, dp.put_batch({"image": batch["image"]}), state.step)
+    out = dp.get_sharded(out)
+    # Gather this process's labels/mask with the others' so every host has the whole split.
+    lab = dp.get_sharded(dp.put_batch({"l": batch["label"], "m": batch["mask"]}))
+    keep = lab["m"] > 0
+    logits.append(out[keep])
+    labels.append(lab["l"][keep])
+    del mask
+  logits = np.concatenate(logits)
+  labels = np.concatenate(labels)
+  out = metrics_lib.classification_metrics(logits, labels, info.task)
+  labels_for_loss = labels if info.task == "multilabel" else labels.astype(np.int32)
+  out["loss"] = float(np.mean(per_example_loss(jnp.asarray(logits), jnp.asarray(labels_for_loss),
+                                                info.task)))
+  out["num_examples"] = int(labels.shape[0])
+  return out
+
+
+def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains per `cfg`, writes metrics/checkpoints/results to `workdir`, returns the results."""
+  validate(cfg)
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    config_lib.write_config(cfg, workdir)
+  dp = parallel.DataParallel(cfg.parallel.backend, cfg.parallel.num_devices)
+  dp.check_batch_size(cfg.train.batch_size)
+  dp.check_batch_size(cfg.train.eval_batch_size or cfg.train.batch_size,
+                      "config.train.eval_batch_size")
+  splits, info = data.load_dataset(cfg.data)
+  num_classes = cfg.model.num_classes or info.num_classes
+  model = models.get_model(cfg.model.name, num_classes, dtype=jnp.dtype(cfg.model.dtype),
+                           bn_axis_name=AXIS, **dict(cfg.model.kwargs))
+  shape = input_shape(cfg, info)
+  rng = jax.random.PRNGKey(cfg.seed)
+  init_rng, method_rng, step_rng = jax.random.split(rng, 3)
+  variables = init_model_variables(model, cfg, shape, init_rng)
+  if cfg.model.init:
+    variables = load_init_variables(cfg, variables)
+  variables.setdefault("batch_stats", {})
+
+  method = methods_lib.get_method(cfg.method)
+  num_steps = num_train_steps(cfg, len(splits["train"]))
+  train_iter, eval_iter_fn = make_iters(cfg, splits, info, seed=cfg.seed)
+  # Method parameters are initialised from a few batches of a separate iterator, so the training
+  # stream (and hence resumption) is the same with or without them.
+  init_iter = make_iters(cfg, splits, info, seed=cfg.seed + 1)[0]
+  init_batches = [next(init_iter) for _ in range(cfg.method.get("init_batches", 1))]
+  method_params = method.init_params(method_rng, variables, init_batches, model.apply)
+  params = {"model": variables["params"], "method": method_params}
+  schedule = optimizers.learning_rate_schedule(cfg.optim, num_steps)
+
+  def make_tx(offset: int = 0):
+    return optimizers.make_optimizer(cfg.optim, num_steps - offset, params)[0]
+
+  tx = method.optimizer(make_tx, params)
+  state = TrainState(
+      step=np.asarray(0, np.int32), params=params, batch_stats=variables["batch_stats"],
+      opt_state=jax.tree.map(np.asarray, tx.init(params)),
+      ref_variables=({"params": variables["params"], "batch_stats": variables["batch_stats"]}
+                     if method.needs_reference or method.reference_forward else {}),
+      nonfinite_step=np.asarray(-1, np.int32))
+
+  ckpt = ckpt_lib.Checkpointer(workdir, keep=cfg.train.keep_checkpoints)
+  start = ckpt.latest_step() or 0
+  if start:
+    var_t = {"params": state.params["model"], "batch_stats": state.batch_stats}
+    train_t = _train_item(state)
+    var_r, train_r, meta = ckpt.restore(start, var_t, train_t)
+    state = _from_items(var_r, train_r)
+    train_iter.set_state(meta["data_iter"])
+    print(f"resumed from {ckpt.directory} at step {start}", flush=True)
+
+  writer = metric_writers.MetricWriter(workdir, tensorboard=cfg.train.tensorboard)
+  p_train = dp.compile(make_train_step(model, method, tx, info.task))
+  p_eval = dp.compile(make_eval_step(model), donate_state=False, sharded_out=True)
+  state = dp.put_replicated(state)
+  rng_dev = dp.put_replicated(np.asarray(step_rng))
+  progress = metric_writers.Progress(num_steps, cfg.train.batch_size, start,
+                                     name=cfg.get("name", "") and f"[{cfg.name}] ")
+  last_saved = start
+  history = []
+
+  def check_finite(step):
+    bad = int(dp.get_replicated(state.nonfinite_step))
+    if bad >= 0:
+      raise FloatingPointError(
+          f"non-finite loss at step {bad + 1}; stopped at step {step}, last good checkpoint: "
+          f"step {last_saved} in {ckpt.directory}")
+
+  def save(step):
+    nonlocal last_saved
+    check_finite(step)
+    host = dp.get_replicated(state)
+    ckpt.save(step, {"params": host.params["model"], "batch_stats": host.batch_stats},
+              _train_item(host), {"data_iter": train_iter.get_state(), "model": cfg.model.name,
+                                  "step": step})
+    last_saved = step
+
+  def run_eval(step):
+    row = {}
+    for split in cfg.train.eval_splits:
+      if split in splits:
+        m = evaluate(dp, p_eval, state, eval_iter_fn, split, info)
+        writer.write(step, split, m)
+        row[split] = m
+    history.append({"step": step, **row})
+    return row
+
+  step = start
+  t_start = time.perf_counter()
+  for step in range(start + 1, num_steps + 1):
+    batch = next(train_iter)
+    state, m = p_train(state, dp.put_batch({"image": batch["image"], "label": batch["label"]}),
+                       rng_dev)
+    if step == start + 1:
+      progress.reset_clock(step)
+    if step % cfg.train.log_every == 0 or step == num_steps:
+      m = {k: float(v) for k, v in dp.get_replicated(m).items()}
+      check_finite(step)
+      m["lr"] = float(schedule(step - 1))
+      writer.write(step, "train", m)
+      progress.print(step, {"loss": m["loss"], "acc": m["accuracy"]})
+    if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != num_steps:
+      run_eval(step)
+    if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
+      save(step)
+  if step != last_saved or start == num_steps:
+    if step != last_saved:
+      save(step)
+  final = run_eval(num_steps)
+  train_seconds = time.perf_counter() - t_start
+  writer.close()
+  ckpt.close()
+  results = {"step": num_steps, "model": cfg.model.name, "method": cfg.method.name,
+             "task": info.task, "dataset": info.name, "train_seconds": train_seconds,
+             "final": final, "best_val": _best_by_val(history)}
+  if jax.process_index() == 0:
+    config_lib.atomic_write_text(os.path.join(workdir, "results.json"),
+                                 json.dumps(results, indent=2, default=float) + "\n")
+  results["state"] = state
+  results["dp"] = dp
+  return results
+
+
+def _best_by_val(history):
+  rows = [h for h in history if "val" in h]
+  if not rows:
+    return {}
+  best = min(rows, key=lambda h: h["val"]["loss"])
+  return {"step": best["step"], **{s: best[s] for s in best if s != "step"}}
+
+
+def _train_item(state) -> dict:
+  return {"step": state.step, "method": state.params["method"], "opt_state": state.opt_state,
+          "ref_variables": state.ref_variables, "nonfinite_step": state.nonfinite_step}
+
+
+def _from_items(variables, train) -> TrainState:
+  return TrainState(step=train["step"], params={"model": variables["params"],
+                                                "method": train["method"]},
+                    batch_stats=variables.get("batch_stats", {}), opt_state=train["opt_state"],
+                    ref_variables=train["ref_variables"], nonfinite_step=train["nonfinite_step"])
+
+
+def validate(cfg) -> None:
+  config_lib.check_choice(cfg, "parallel.backend", parallel.BACKENDS)
+  config_lib.check_choice(cfg, "optim.name", optimizers.OPTIMIZERS)
+  config_lib.check_choice(cfg, "optim.schedule", optimizers.SCHEDULES)
+  config_lib.check_choice(cfg, "method.name", methods_lib.METHODS)
+  config_lib.check_choice(cfg, "model.name", models.MODEL_NAMES)
+  config_lib.check_choice(cfg, "model.dtype", ("float32", "bfloat16"))
+  config_lib.check_positive(cfg, "train.batch_size", "train.log_every", "optim.lr")
+  if cfg.train.num_steps <= 0 and cfg.train.num_epochs <= 0:
+    raise ValueError("config.train.num_steps / num_epochs: one of them must be positive")

@@ -1,0 +1,43 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from repsim_jax import config_lib
+
+
+def test_parse_arg_types_and_unknown_key():
+  c = config_lib.parse_arg("steps=10,lr=0.5,name=x,flag=false", steps=1, lr=0.1, name="", flag=True)
+  assert (c.steps, c.lr, c.name, c.flag) == (10, 0.5, "x", False)
+  with pytest.raises(ValueError, match="unknown key 'stepz'"):
+    config_lib.parse_arg("stepz=3", steps=1)
+  with pytest.raises(ValueError, match="expected int"):
+    config_lib.parse_arg("steps=abc", steps=1)
+
+
+def test_check_choice_names_the_key():
+  c = config_lib.train_config()
+  c.optim.name = "adamx"
+  with pytest.raises(ValueError, match=r"config.optim.name='adamx': expected one of"):
+    config_lib.check_choice(c, "optim.name", ("sgd", "adam"))
+
+
+def test_atomic_write_leaves_no_temp(tmp_path):
+  p = tmp_path / "r.json"
+  config_lib.atomic_write_text(str(p), "{}")
+  config_lib.atomic_write_text(str(p), json.dumps({"a": 1}))
+  assert json.loads(p.read_text()) == {"a": 1}
+  assert [f.name for f in tmp_path.iterdir()] == ["r.json"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config=configs/finetune.py:modell=resnet18"], "unknown key 'modell'"),
+    (["--config=configs/finetune.py", "--config.optim.nme=sgd"], "nme"),
+    (["--config=configs/finetune.py", "--config.optim.name=adamx"], "config.optim.name='adamx'"),
+])
+def test_cli_bad_config_fails_with_one_line(tmp_path, args, message):
+  proc = subprocess.run([sys.executable, "-m", "repsim_jax.main", *args,
+                         f"--workdir={tmp_path}/w"], capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0
+  assert message in proc.stderr

@@ -1,0 +1,21 @@
+"""Test session setup: 8 simulated CPU devices, so data-parallel code runs as on an 8-chip host.
+
+XLA reads XLA_FLAGS when jax initialises its backends, so this must happen before any test
+imports jax.
+"""
+
+import os
+import pathlib
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import pytest  # noqa: E402
+
+SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared"
+
+
+@pytest.fixture
+def shared_dir():
+  if not SHARED.is_dir():
+    pytest.skip(f"{SHARED} not present (fixtures ship with the project's CI, not with a clone)")
+  return SHARED

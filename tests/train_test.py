@@ -1,0 +1,150 @@
+"""The whole training loop on tiny synthetic data: learning, outputs, data parallelism, resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from repsim_jax import checkpoint, config_lib, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(tmp_path, **overrides):
+  c = config_lib.train_config()
+  c.data.source = "synthetic"
+  c.data.kind = "medical_gray"
+  c.data.name = "medical_gray"
+  c.data.data_dir = str(tmp_path / "data")
+  c.data.size = 16
+  c.data.num_classes = 3
+  c.data.train_size = 256
+  c.data.val_size = 64
+  c.data.test_size = 64
+  c.data.difficulty = 0.2
+  c.model.name = "small_cnn"
+  c.optim.lr = 0.05
+  c.optim.warmup_steps = 2
+  c.train.batch_size = 32
+  c.train.num_steps = 20
+  c.train.log_every = 5
+  c.train.checkpoint_every = 10
+  c.train.tensorboard = False
+  c.parallel.num_devices = 1
+  for k, v in overrides.items():
+    node = c
+    *parents, leaf = k.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = v
+  return c
+
+
+def max_rel_err(a, b):
+  fa, fb = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(fa) == len(fb)
+  return max(float(np.max(np.abs(x - y)) / (np.max(np.abs(y)) + 1e-12)) for x, y in zip(fa, fb))
+
+
+def test_loop_learns_and_writes_outputs(tmp_path):
+  cfg = tiny_config(tmp_path, **{"train.num_steps": 60, "train.eval_every": 30})
+  wd = str(tmp_path / "run")
+  res = train.train_and_evaluate(cfg, wd)
+  test = res["final"]["test"]
+  assert test["num_examples"] == 64
+  assert test["accuracy"] > 0.6  # 3 classes, chance 1/3
+  rows = [json.loads(l) for l in open(os.path.join(wd, "metrics.jsonl"))]
+  train_rows = [r for r in rows if r["split"] == "train"]
+  assert [r["step"] for r in train_rows] == list(range(5, 61, 5))
+  assert train_rows[-1]["loss"] < train_rows[0]["loss"]
+  assert {r["split"] for r in rows} == {"train", "val", "test"}
+  saved = json.load(open(os.path.join(wd, "results.json")))
+  assert saved["final"]["test"]["accuracy"] == pytest.approx(test["accuracy"])
+  assert json.load(open(os.path.join(wd, "config.json")))["model"]["name"] == "small_cnn"
+  assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["50", "60"]  # keep 2
+
+
+@pytest.mark.parametrize("backend", ["shard_map", "pmap"])
+def test_one_device_equals_eight_devices(tmp_path, backend):
+  assert jax.device_count() == 8, "tests/conftest.py sets 8 simulated devices"
+  finals = []
+  for n in (1, 8):
+    cfg = tiny_config(tmp_path, **{"parallel.num_devices": n, "parallel.backend": backend,
+                                   "train.checkpoint_every": 0, "train.eval_splits": ()})
+    res = train.train_and_evaluate(cfg, str(tmp_path / f"{backend}_{n}"))
+    finals.append(res["dp"].get_replicated(res["state"]))
+  assert int(finals[1].step) == 20
+  assert max_rel_err(finals[1].params, finals[0].params) <= 1e-5
+  assert max_rel_err(finals[1].batch_stats, finals[0].batch_stats) <= 1e-5
+
+
+def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
+  data_dir = tmp_path / "data"
+  common = ["--config=configs/finetune.py:model=small_cnn,source=synthetic,dataset=medical_gray,"
+            "size=16,steps=40,batch=32,lr=0.05",
+            f"--config.data.data_dir={data_dir}", "--config.data.train_size=256",
+            "--config.data.num_classes=3", "--config.train.checkpoint_every=5",
+            "--config.train.log_every=5", "--config.train.tensorboard=False",
+            "--config.parallel.num_devices=1", "--config.train.eval_splits=()"]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+
+  def cmd(wd):
+    return [sys.executable, "-m", "repsim_jax.main", *common, f"--workdir={wd}"]
+
+  full = tmp_path / "full"
+  subprocess.run(cmd(full), check=True, cwd=REPO, env=env, capture_output=True, timeout=600)
+
+  killed = tmp_path / "killed"
+  proc = subprocess.Popen(cmd(killed), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  ckpts = killed / "checkpoints"
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    done = [d for d in os.listdir(ckpts)] if ckpts.is_dir() else []
+    if any(d.isdigit() and int(d) >= 15 for d in done):
+      break
+    time.sleep(0.05)
+  assert proc.poll() is None, "the run finished before it could be killed; make it longer"
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert checkpoint.Checkpointer(str(killed)).latest_step() < 40
+  out = subprocess.run(cmd(killed), check=True, cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=600)
+  assert "resumed from" in out.stdout
+  a = checkpoint.load_run_variables(str(full))
+  b = checkpoint.load_run_variables(str(killed))
+  assert max_rel_err(b, a) == 0.0
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+  cfg = tiny_config(tmp_path, **{"optim.lr": 1e9, "optim.warmup_steps": 0,
+                                 "optim.schedule": "constant", "train.num_steps": 40,
+                                 "train.checkpoint_every": 1, "train.log_every": 1,
+                                 "optim.weight_decay": 0.0})
+  wd = str(tmp_path / "nan")
+  with pytest.raises(FloatingPointError, match=r"non-finite loss at step \d+") as e:
+    train.train_and_evaluate(cfg, wd)
+  last = checkpoint.Checkpointer(wd).latest_step()
+  assert f"last good checkpoint: step {last}" in str(e.value)
+  v = checkpoint.load_run_variables(wd)
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(v))
+
+
+def test_checkpoint_from_other_model_is_a_clear_error(tmp_path):
+  cfg = tiny_config(tmp_path, **{"train.num_steps": 2, "train.eval_splits": ()})
+  wd = str(tmp_path / "a")
+  train.train_and_evaluate(cfg, wd)
+  other = tiny_config(tmp_path, **{"model.name": "resnet_small", "model.init": wd,
+                                   "train.num_steps": 2})
+  with pytest.raises(ValueError, match="holds a different model"):
+    train.train_and_evaluate(other, str(tmp_path / "b"))
+  # Resuming a run dir with a different model is refused as well, not silently overwritten.
+  with pytest.raises(ValueError, match="holds a different model"):
+    train.train_and_evaluate(tiny_config(tmp_path, **{"model.name": "resnet_small",
+                                                      "train.num_steps": 4}), wd)
