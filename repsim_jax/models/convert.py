@@ -1,0 +1,325 @@
+"""Weight converters: torchvision ResNet / timm ViT state dicts and Google ViT `.npz` files.
+
+Each loader builds the target model's variable shapes with `jax.eval_shape` (no compute), maps
+every Flax leaf to its source key(s), checks shapes, and rejects leftover source keys, so a
+wrong `arch` fails loudly with a one-line ValueError naming the file and the first offending
+key. Weights are read with `safetensors.numpy` (no torch needed); `.pth` files need torch.
+
+The number of classes and input channels come from the checkpoint (0 classes when it has no
+head); build the matching model with
+`get_model(arch, variables['params']['head']['bias'].shape[0], **model_kwargs)`
+(or `num_classes=0` when `'head' not in variables['params']`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from repsim_jax.models import get_model
+
+Array = np.ndarray
+# A source spec: the source key(s) of one Flax leaf and how to combine them into its value.
+_Spec = tuple[tuple[str, ...], Callable[..., Array]]
+
+_IGNORED_SUFFIXES = ("num_batches_tracked",)  # torch BatchNorm step counters
+
+
+def _read_state_dict(path: str | os.PathLike) -> dict[str, Array]:
+  """Reads a `.safetensors` (numpy API) or `.pth`/`.pt`/`.bin` (torch) state dict."""
+  p = Path(path)
+  if not p.is_file():
+    raise FileNotFoundError(f"path: no such checkpoint file {str(p)!r}")
+  suffix = p.suffix.lower()
+  if suffix == ".safetensors":
+    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+    state = dict(load_file(str(p)))
+  elif suffix in (".pth", ".pt", ".bin"):
+    try:
+      import torch  # pylint: disable=g-import-not-at-top
+    except ImportError as e:
+      raise ImportError(f"{p.name}: reading {suffix} checkpoints needs torch: "
+                        f"pip install repsim_jax[torch] (or save the state dict as "
+                        f".safetensors)") from e
+    obj = torch.load(str(p), map_location="cpu", weights_only=True)
+    for wrapper in ("state_dict", "model", "module"):
+      if isinstance(obj, Mapping) and wrapper in obj and isinstance(obj[wrapper], Mapping):
+        obj = obj[wrapper]
+    if not isinstance(obj, Mapping):
+      raise ValueError(f"{p.name}: expected a state dict, got {type(obj).__name__}")
+    state = {k: (v.float() if v.is_floating_point() else v).cpu().numpy()
+             for k, v in obj.items() if hasattr(v, "numpy")}
+  else:
+    raise ValueError(f"path: expected a .safetensors or .pth file, got {p.name!r}")
+  # DataParallel / DDP checkpoints prefix every key with 'module.'.
+  if state and all(k.startswith("module.") for k in state):
+    state = {k[len("module."):]: v for k, v in state.items()}
+  return state
+
+
+def _oihw_to_hwio(w: Array) -> Array:
+  return np.transpose(w, (2, 3, 1, 0))
+
+
+def _torch_leaf(w: Array) -> Array:
+  """torch layout -> flax layout by rank: conv OIHW -> HWIO, linear (out, in) -> (in, out)."""
+  if w.ndim == 4:
+    return _oihw_to_hwio(w)
+  if w.ndim == 2:
+    return w.T
+  return w
+
+
+def _target_shapes(model, in_channels: int, image_size: int) -> dict[tuple[str, ...], Any]:
+  x = jax.ShapeDtypeStruct((1, image_size, image_size, in_channels), jnp.float32)
+  variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+  return traverse_util.flatten_dict(dict(variables))
+
+
+def _assemble(name: str, source: Mapping[str, Array], targets, spec_fn, ignored=()):
+  """Fills every target leaf from `source` via spec_fn(path) -> (keys, combine)."""
+  out, used = {}, set()
+  for path, sds in targets.items():
+    keys, combine = spec_fn(path)
+    for k in keys:
+      if k not in source:
+        raise ValueError(f"{name}: missing key {k!r} (needed for {'/'.join(path)})")
+    value = np.asarray(combine(*[source[k] for k in keys]))
+    if value.shape != tuple(sds.shape):
+      shapes = ", ".join(f"{k} {tuple(source[k].shape)}" for k in keys)
+      raise ValueError(f"{name}: key {keys[0]!r} has the wrong shape ({shapes}; "
+                       f"{'/'.join(path)} needs {tuple(sds.shape)})")
+    out[path] = jnp.asarray(value, dtype=jnp.float32)
+    used.update(keys)
+  extra = [k for k in source if k not in used and not k.endswith(_IGNORED_SUFFIXES)
+           and k not in ignored]
+  if extra:
+    raise ValueError(f"{name}: unexpected key {extra[0]!r} ({len(extra)} source keys have no "
+                     f"place in the model; wrong arch or model kwargs?)")
+  return traverse_util.unflatten_dict(out)
+
+
+def _arch_model(name: str, arch: str, num_classes: int, model_kwargs):
+  try:
+    return get_model(arch, num_classes, **model_kwargs)
+  except ValueError as e:
+    raise ValueError(f"arch: cannot build {arch!r} for {name}: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# torchvision ResNet
+
+
+def _torchvision_resnet_key(path: tuple[str, ...]) -> _Spec:
+  collection, *mods, leaf = path
+  parts = []
+  for m in mods:
+    if m == "head":
+      parts.append("fc")
+    elif m == "downsample_conv":
+      parts.append("downsample.0")
+    elif m == "downsample_bn":
+      parts.append("downsample.1")
+    else:
+      parts.append(re.sub(r"^(layer\d+)_(\d+)$", r"\1.\2", m))
+  torch_leaf = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean",
+                "var": "running_var"}[leaf]
+  del collection  # params and batch_stats live side by side in a torch state dict
+  return ((".".join(parts + [torch_leaf]),), _torch_leaf)
+
+
+def load_torchvision_resnet(path: str | os.PathLike, *, arch: str = "resnet50",
+                            **model_kwargs) -> dict[str, Any]:
+  """Converts a torchvision ResNet state dict into `{'params', 'batch_stats'}`.
+
+  Args:
+    path: `.safetensors` (no torch needed) or `.pth` (needs torch) state dict.
+    arch: registry name of a ResNet (`resnet18`, `resnet50`, `resnet_small`).
+    **model_kwargs: ResNet overrides, e.g. `stage_sizes=(1, 1, 1, 1)` for a torchvision
+      `ResNet(Bottleneck, [1, 1, 1, 1])` with arch='resnet50'.
+  Returns:
+    variables for `get_model(arch, num_classes, **model_kwargs)`; num_classes = fc rows.
+  """
+  name = Path(path).name
+  state = _read_state_dict(path)
+  if "conv1.weight" not in state:
+    raise ValueError(f"{name}: missing key 'conv1.weight' (not a torchvision ResNet state dict)")
+  num_classes = int(state["fc.weight"].shape[0]) if "fc.weight" in state else 0
+  model = _arch_model(name, arch, num_classes, model_kwargs)
+  targets = _target_shapes(model, int(state["conv1.weight"].shape[1]), 64)
+  return _assemble(name, state, targets, _torchvision_resnet_key)
+
+
+# ---------------------------------------------------------------------------------------------
+# timm ViT
+
+
+def _timm_vit_key(path: tuple[str, ...]) -> _Spec:
+  _, *mods, leaf = path
+  if mods == ["patch_embed"]:
+    mods = ["patch_embed", "proj"]
+  parts = [re.sub(r"^blocks_(\d+)$", r"blocks.\1", m) for m in mods]
+  if leaf in ("cls_token", "pos_embed"):
+    torch_leaf = leaf
+  else:
+    torch_leaf = {"kernel": "weight", "scale": "weight", "bias": "bias"}[leaf]
+  return ((".".join(parts + [torch_leaf]),), _torch_leaf if leaf == "kernel" else (lambda w: w))
+
+
+def _vit_geometry(name: str, patch_size: int, num_pos: int, model_kwargs) -> dict[str, Any]:
+  """Infers image_size from the position-embedding length (grid + 1 cls row)."""
+  kwargs = dict(model_kwargs)
+  grid = int(round((num_pos - 1) ** 0.5))
+  if grid * grid != num_pos - 1:
+    raise ValueError(f"{name}: position embedding has {num_pos} rows, not a square patch grid "
+                     f"+ 1 cls token")
+  kwargs.setdefault("patch_size", patch_size)
+  kwargs.setdefault("image_size", grid * kwargs["patch_size"])
+  return kwargs
+
+
+def load_timm_vit(path: str | os.PathLike, *, arch: str = "vit_b16",
+                  **model_kwargs) -> dict[str, Any]:
+  """Converts a timm VisionTransformer state dict (cls-token pooling) into `{'params'}`.
+
+  Args:
+    path: `.safetensors` or `.pth` state dict (e.g. timm's `vit_tiny_patch16_224`).
+    arch: registry ViT name (`vit_ti16`, `vit_s16`, `vit_b16`); patch_size and image_size are
+      taken from the checkpoint unless passed in model_kwargs.
+  Returns:
+    variables for `get_model(arch, num_classes, image_size=..., **model_kwargs)`.
+  """
+  name = Path(path).name
+  state = _read_state_dict(path)
+  for k in ("patch_embed.proj.weight", "pos_embed", "cls_token"):
+    if k not in state:
+      raise ValueError(f"{name}: missing key {k!r} (not a timm cls-token ViT state dict)")
+  kwargs = _vit_geometry(name, int(state["patch_embed.proj.weight"].shape[-1]),
+                         int(state["pos_embed"].shape[1]), model_kwargs)
+  num_classes = int(state["head.weight"].shape[0]) if "head.weight" in state else 0
+  model = _arch_model(name, arch, num_classes, kwargs)
+  targets = _target_shapes(model, int(state["patch_embed.proj.weight"].shape[1]),
+                           kwargs["image_size"])
+  return _assemble(name, state, targets, _timm_vit_key)
+
+
+# ---------------------------------------------------------------------------------------------
+# Google ViT .npz (google-research/vision_transformer and big_vision)
+
+# Sub-module names inside `Transformer/encoderblock_{i}` of the two code bases.
+_NPZ_LAYOUTS = {
+    "vision_transformer": dict(ln1="LayerNorm_0", mha="MultiHeadDotProductAttention_1",
+                               ln2="LayerNorm_2", mlp="MlpBlock_3"),
+    "big_vision": dict(ln1="LayerNorm_0", mha="MultiHeadDotProductAttention_0",
+                       ln2="LayerNorm_1", mlp="MlpBlock_0"),
+}
+
+
+def _heads_merge_in(w: Array) -> Array:
+  # query/key/value kernels (D, H, Dh) -> (D, H*Dh); biases (H, Dh) -> (H*Dh,)
+  return w.reshape(w.shape[0], -1) if w.ndim == 3 else w.reshape(-1)
+
+
+def _npz_spec_fn(prefix: str, names: Mapping[str, str], pos_key: str):
+  def spec(path: tuple[str, ...]) -> _Spec:
+    _, *mods, leaf = path
+    ident = lambda w: w
+    if mods == ["patch_embed"]:
+      return ((f"{prefix}embedding/{leaf}",), ident)
+    if not mods and leaf == "cls_token":
+      return ((f"{prefix}cls",), ident)
+    if not mods and leaf == "pos_embed":
+      return ((pos_key,), ident)
+    if mods == ["norm"]:
+      return ((f"{prefix}Transformer/encoder_norm/{leaf}",), ident)
+    if mods == ["head"]:
+      return ((f"{prefix}head/{leaf}",), ident)
+    block = re.fullmatch(r"blocks_(\d+)", mods[0])
+    if block is None:
+      raise AssertionError(f"unmapped parameter {'/'.join(path)}")
+    bp = f"{prefix}Transformer/encoderblock_{block.group(1)}/"
+    sub = "/".join(mods[1:])
+    if sub in ("norm1", "norm2"):
+      return ((f"{bp}{names['ln1' if sub == 'norm1' else 'ln2']}/{leaf}",), ident)
+    if sub in ("mlp/fc1", "mlp/fc2"):
+      return ((f"{bp}{names['mlp']}/Dense_{0 if sub == 'mlp/fc1' else 1}/{leaf}",), ident)
+    mha = f"{bp}{names['mha']}/"
+    if sub == "attn/qkv":
+      keys = tuple(f"{mha}{n}/{leaf}" for n in ("query", "key", "value"))
+      return (keys, lambda q, k, v: np.concatenate(
+          [_heads_merge_in(q), _heads_merge_in(k), _heads_merge_in(v)], axis=-1))
+    if sub == "attn/proj":
+      # out kernel (H, Dh, D) -> (H*Dh, D); bias (D,) unchanged.
+      return ((f"{mha}out/{leaf}",),
+              (lambda w: w.reshape(-1, w.shape[-1])) if leaf == "kernel" else ident)
+    raise AssertionError(f"unmapped parameter {'/'.join(path)}")
+  return spec
+
+
+def load_big_vision_vit_npz(path: str | os.PathLike, *, arch: str = "vit_b16",
+                            **model_kwargs) -> dict[str, Any]:
+  """Converts a Google ViT `.npz` checkpoint (cls-token models) into `{'params'}`.
+
+  Reads the `Transformer/encoderblock_{i}/...` layout of google-research/vision_transformer
+  (LayerNorm_0, MultiHeadDotProductAttention_1, LayerNorm_2, MlpBlock_3; optional
+  `opt/target/` prefix) and of big_vision (LayerNorm_0, MultiHeadDotProductAttention_0,
+  LayerNorm_1, MlpBlock_0; `pos_embedding` without a cls row, which is equivalent to a zero
+  cls position since big_vision prepends the cls token after adding positions). GAP-pooled
+  models (no `cls`), scanned blocks and in21k `pre_logits` representation layers are rejected.
+  """
+  name = Path(path).name
+  if Path(path).suffix.lower() != ".npz":
+    raise ValueError(f"path: expected a .npz file, got {name!r}")
+  if not Path(path).is_file():
+    raise FileNotFoundError(f"path: no such checkpoint file {str(path)!r}")
+  with np.load(path, allow_pickle=False) as f:
+    raw = {k: f[k] for k in f.files}
+  prefix = next((p for p in ("", "opt/target/", "params/") if f"{p}embedding/kernel" in raw),
+                None)
+  if prefix is None:
+    raise ValueError(f"{name}: missing key 'embedding/kernel' (not a Google ViT checkpoint)")
+  if f"{prefix}cls" not in raw:
+    raise ValueError(f"{name}: missing key {prefix + 'cls'!r} (GAP-pooled ViTs are not "
+                     f"supported; the timm layout pools the cls token)")
+  if f"{prefix}Transformer/encoderblock/{_NPZ_LAYOUTS['big_vision']['ln1']}/scale" in raw:
+    raise ValueError(f"{name}: unexpected key {prefix + 'Transformer/encoderblock'!r} "
+                     f"(scanned blocks are not supported; save with scan=False)")
+  if f"{prefix}pre_logits/kernel" in raw:
+    raise ValueError(f"{name}: unexpected key {prefix + 'pre_logits/kernel'!r} (representation "
+                     f"layer of in21k checkpoints is not supported)")
+  layout = ("vision_transformer"
+            if f"{prefix}Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel" in raw
+            else "big_vision")
+
+  source = {k: v for k, v in raw.items() if k.startswith(prefix)}
+  pos_key = f"{prefix}Transformer/posembed_input/pos_embedding"
+  if pos_key not in source:
+    pos_key = f"{prefix}pos_embedding"
+  if pos_key not in source:
+    raise ValueError(f"{name}: missing key {prefix + 'Transformer/posembed_input/pos_embedding'!r}")
+  pos = source[pos_key]
+  if pos.ndim == 2:
+    pos = pos[None]
+  g = int(round(pos.shape[1] ** 0.5))
+  if g * g == pos.shape[1]:
+    # big_vision: positions cover the patch grid only; the cls token gets none.
+    pos = np.concatenate([np.zeros_like(pos[:, :1]), pos], axis=1)
+  source[pos_key] = pos
+
+  kernel = source[f"{prefix}embedding/kernel"]
+  kwargs = _vit_geometry(name, int(kernel.shape[0]), int(pos.shape[1]), model_kwargs)
+  head_key = f"{prefix}head/bias"
+  num_classes = int(source[head_key].shape[-1]) if head_key in source else 0
+  model = _arch_model(name, arch, num_classes, kwargs)
+  targets = _target_shapes(model, int(kernel.shape[2]), kwargs["image_size"])
+  return _assemble(name, source, targets, _npz_spec_fn(prefix, _NPZ_LAYOUTS[layout], pos_key))
+
+
+__all__ = ["load_torchvision_resnet", "load_timm_vit", "load_big_vision_vit_npz"]

@@ -1,0 +1,293 @@
+"""Tests for repsim_jax.models.convert: reference fixtures, round trips and error messages."""
+
+import functools
+import importlib.util
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+from safetensors.numpy import save_file
+
+from repsim_jax.models import get_model
+from repsim_jax.models import convert
+
+FIXTURES = Path(__file__).parents[1].parent / "shared" / "fixtures"
+_TINY_VIT = dict(depth=2, width=32, heads=4, mlp_dim=64)  # image 32, patch 8 from the file
+
+
+def _fixture(stem):
+  if not (FIXTURES / f"{stem}.safetensors").is_file():
+    pytest.skip(f"reference fixture {stem} not found under {FIXTURES} (../shared is only "
+                f"present in the project's CI / dev checkout)")
+  return FIXTURES / f"{stem}.safetensors", np.load(FIXTURES / f"{stem}_io.npz")
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_apply(model):
+  return jax.jit(lambda v, x: model.apply(v, x, train=False))
+
+
+def _random_variables(model, x_shape, seed):
+  """Well-scaled random variables of the model's shapes, drawn with NumPy (no init compile)."""
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(x_shape)))
+  rng = np.random.default_rng(seed)
+
+  def draw(path, sds):
+    name, shape = path[-1].key, sds.shape
+    if name == "kernel":
+      return np.float32(np.sqrt(2.0 / np.prod(shape[:-1]))) * rng.normal(size=shape).astype(
+          np.float32)
+    if name in ("scale", "var"):
+      return (1.0 + 0.2 * rng.uniform(-1, 1, size=shape)).astype(np.float32)
+    return (0.1 * rng.normal(size=shape)).astype(np.float32)
+
+  return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def _assert_same_tree(a, b):
+  fa, fb = traverse_util.flatten_dict(a), traverse_util.flatten_dict(b)
+  assert set(fa) == set(fb)
+  for k in fa:
+    np.testing.assert_array_equal(np.asarray(fa[k]), np.asarray(fb[k]), err_msg=str(k))
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference fixtures made with torchvision / timm (the acceptance test).
+
+@pytest.mark.parametrize("stem,loader,arch,kw", [
+    ("torchvision_resnet18", convert.load_torchvision_resnet, "resnet18", {}),
+    ("torchvision_bottleneck_1111", convert.load_torchvision_resnet, "resnet50",
+     {"stage_sizes": (1, 1, 1, 1)}),
+    ("timm_vit_tiny_patch16_224", convert.load_timm_vit, "vit_ti16", {}),
+])
+def test_converted_models_reproduce_reference_outputs(stem, loader, arch, kw):
+  path, io = _fixture(stem)
+  variables = loader(path, arch=arch, **kw)
+  num_classes = variables["params"]["head"]["bias"].shape[0]
+  assert num_classes == io["logits"].shape[1]
+  model = get_model(arch, num_classes, precision=jax.lax.Precision.HIGHEST, **kw)
+  x = jnp.asarray(io["input"].transpose(0, 2, 3, 1))  # NCHW -> NHWC
+  logits, reps = _jitted_apply(model)(variables, x)
+  assert np.abs(np.asarray(reps["pre_logits"]) - io["pre_logits"]).max() <= 1e-4
+  assert np.abs(np.asarray(logits) - io["logits"]).max() <= 1e-4
+  assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(variables))
+
+
+# ---------------------------------------------------------------------------------------------
+# Google ViT .npz: written here from timm-layout Flax params (the inverse mapping), read back.
+
+def _to_google_npz(params, heads, layout="vision_transformer", prefix=""):
+  """Writes Flax timm-layout ViT params in google-research/vision_transformer or big_vision keys."""
+  p = jax.tree.map(np.asarray, params)
+  d = p["pos_embed"].shape[-1]
+  dh = d // heads
+  ln1, mha, ln2, mlp = {"vision_transformer": ("LayerNorm_0", "MultiHeadDotProductAttention_1",
+                                               "LayerNorm_2", "MlpBlock_3"),
+                        "big_vision": ("LayerNorm_0", "MultiHeadDotProductAttention_0",
+                                       "LayerNorm_1", "MlpBlock_0")}[layout]
+  out = {"embedding/kernel": p["patch_embed"]["kernel"], "embedding/bias": p["patch_embed"]["bias"],
+         "cls": p["cls_token"], "Transformer/encoder_norm/scale": p["norm"]["scale"],
+         "Transformer/encoder_norm/bias": p["norm"]["bias"], "head/kernel": p["head"]["kernel"],
+         "head/bias": p["head"]["bias"]}
+  if layout == "vision_transformer":
+    out["Transformer/posembed_input/pos_embedding"] = p["pos_embed"]
+  else:  # big_vision: positions of the patch grid only; cls is prepended after adding them.
+    assert not p["pos_embed"][:, 0].any()
+    out["pos_embedding"] = p["pos_embed"][:, 1:]
+  i = 0
+  while f"blocks_{i}" in p:
+    b, bp = p[f"blocks_{i}"], f"Transformer/encoderblock_{i}/"
+    for name, src in ((ln1, b["norm1"]), (ln2, b["norm2"])):
+      out[f"{bp}{name}/scale"], out[f"{bp}{name}/bias"] = src["scale"], src["bias"]
+    qkv_k, qkv_b = b["attn"]["qkv"]["kernel"], b["attn"]["qkv"]["bias"]
+    for j, name in enumerate(("query", "key", "value")):
+      out[f"{bp}{mha}/{name}/kernel"] = qkv_k[:, j * d:(j + 1) * d].reshape(d, heads, dh)
+      out[f"{bp}{mha}/{name}/bias"] = qkv_b[j * d:(j + 1) * d].reshape(heads, dh)
+    out[f"{bp}{mha}/out/kernel"] = b["attn"]["proj"]["kernel"].reshape(heads, dh, d)
+    out[f"{bp}{mha}/out/bias"] = b["attn"]["proj"]["bias"]
+    for j, fc in enumerate(("fc1", "fc2")):
+      out[f"{bp}{mlp}/Dense_{j}/kernel"] = b["mlp"][fc]["kernel"]
+      out[f"{bp}{mlp}/Dense_{j}/bias"] = b["mlp"][fc]["bias"]
+    i += 1
+  return {prefix + k: v for k, v in out.items()}
+
+
+def test_big_vision_npz_round_trip_of_timm_fixture(tmp_path):
+  path, io = _fixture("timm_vit_tiny_patch16_224")
+  timm_vars = convert.load_timm_vit(path, arch="vit_ti16")
+  npz = tmp_path / "ViT-Ti_16.npz"
+  np.savez(npz, **_to_google_npz(timm_vars["params"], heads=3))
+  variables = convert.load_big_vision_vit_npz(npz, arch="vit_ti16")
+  _assert_same_tree(variables, timm_vars)
+  model = get_model("vit_ti16", 1000, precision=jax.lax.Precision.HIGHEST)
+  logits, _ = _jitted_apply(model)(variables, jnp.asarray(io["input"].transpose(0, 2, 3, 1)))
+  assert np.abs(np.asarray(logits) - io["logits"]).max() <= 1e-4
+
+
+@pytest.mark.parametrize("layout,prefix", [("vision_transformer", ""),
+                                           ("vision_transformer", "opt/target/"),
+                                           ("big_vision", "")])
+def test_big_vision_npz_layouts_round_trip(tmp_path, layout, prefix):
+  model = get_model("vit_ti16", 7, image_size=32, patch_size=8, **_TINY_VIT)
+  params = _random_variables(model, (1, 32, 32, 3), seed=0)["params"]
+  if layout == "big_vision":
+    params["pos_embed"][:, 0] = 0.0
+  npz = tmp_path / "vit.npz"
+  np.savez(npz, **_to_google_npz(params, heads=4, layout=layout, prefix=prefix))
+  variables = convert.load_big_vision_vit_npz(npz, arch="vit_ti16", **_TINY_VIT)
+  _assert_same_tree(variables, {"params": params})
+
+
+def test_big_vision_npz_errors(tmp_path):
+  model = get_model("vit_ti16", 7, image_size=32, patch_size=8, **_TINY_VIT)
+  params = _random_variables(model, (1, 32, 32, 3), seed=1)["params"]
+  arrays = _to_google_npz(params, heads=4)
+  key = "Transformer/encoderblock_1/MlpBlock_3/Dense_0/bias"
+  np.savez(tmp_path / "broken.npz", **{k: v for k, v in arrays.items() if k != key})
+  with pytest.raises(ValueError, match=f"broken.npz: missing key '{key}'"):
+    convert.load_big_vision_vit_npz(tmp_path / "broken.npz", arch="vit_ti16", **_TINY_VIT)
+  np.savez(tmp_path / "deeper.npz", **arrays)
+  # The file has 2 blocks; a depth-1 model leaves block 1 unused.
+  with pytest.raises(ValueError, match="deeper.npz: unexpected key 'Transformer/encoderblock_1/"):
+    convert.load_big_vision_vit_npz(tmp_path / "deeper.npz", arch="vit_ti16",
+                                    **{**_TINY_VIT, "depth": 1})
+  np.savez(tmp_path / "gap.npz", **{k: v for k, v in arrays.items() if k != "cls"})
+  with pytest.raises(ValueError, match="gap.npz: missing key 'cls'"):
+    convert.load_big_vision_vit_npz(tmp_path / "gap.npz", arch="vit_ti16", **_TINY_VIT)
+
+
+# ---------------------------------------------------------------------------------------------
+# torchvision / timm state dicts written from random Flax variables.
+
+def _to_torchvision(variables):
+  out = {}
+  for coll in ("params", "batch_stats"):
+    for (*mods, leaf), v in traverse_util.flatten_dict(variables[coll]).items():
+      v = np.asarray(v)
+      names = []
+      for m in mods:
+        if m.startswith("layer"):
+          stage, block = m.split("_")
+          names += [stage, block]
+        else:
+          names.append({"head": "fc", "downsample_conv": "downsample.0",
+                        "downsample_bn": "downsample.1"}.get(m, m))
+      tleaf = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean",
+               "var": "running_var"}[leaf]
+      if v.ndim == 4:
+        v = v.transpose(3, 2, 0, 1)
+      elif v.ndim == 2:
+        v = v.T
+      out[".".join(names + [tleaf])] = np.ascontiguousarray(v)
+      if leaf == "mean":
+        out[".".join(names + ["num_batches_tracked"])] = np.array(7, np.int64)
+  return out
+
+
+@pytest.fixture(scope="module")
+def small_resnet_state():
+  model = get_model("resnet_small", 6)
+  variables = _random_variables(model, (1, 32, 32, 3), seed=2)
+  return variables, _to_torchvision(variables)
+
+
+def test_torchvision_round_trip_and_errors(tmp_path, small_resnet_state):
+  variables, state = small_resnet_state
+  assert "layer1.0.bn1.num_batches_tracked" in state
+  good = tmp_path / "small.safetensors"
+  save_file(state, str(good))
+  _assert_same_tree(convert.load_torchvision_resnet(good, arch="resnet_small"), variables)
+
+  def write(name, sd):
+    save_file(sd, str(tmp_path / name))
+    return tmp_path / name
+
+  missing = write("missing.safetensors",
+                  {k: v for k, v in state.items() if k != "layer2.0.downsample.1.running_var"})
+  with pytest.raises(ValueError,
+                     match="missing.safetensors: missing key 'layer2.0.downsample.1.running_var'"):
+    convert.load_torchvision_resnet(missing, arch="resnet_small")
+  bad_shape = write("shape.safetensors",
+                    {**state, "layer3.0.conv2.weight": np.zeros((64, 64, 1, 1), np.float32)})
+  with pytest.raises(ValueError, match="shape.safetensors: key 'layer3.0.conv2.weight' has the "
+                                       "wrong shape"):
+    convert.load_torchvision_resnet(bad_shape, arch="resnet_small")
+  extra = write("extra.safetensors", {**state, "layer5.0.conv1.weight": np.zeros(3, np.float32)})
+  with pytest.raises(ValueError, match="extra.safetensors: unexpected key 'layer5.0.conv1.weight'"):
+    convert.load_torchvision_resnet(extra, arch="resnet_small")
+  # Wrong arch: resnet18's stem has 64 channels, the file 16.
+  with pytest.raises(ValueError, match="small.safetensors: key .* has the wrong shape"):
+    convert.load_torchvision_resnet(good, arch="resnet18")
+  with pytest.raises(ValueError, match="arch"):
+    convert.load_torchvision_resnet(good, arch="resnet_tiny")
+  # DataParallel 'module.' prefixes are stripped.
+  wrapped = write("ddp.safetensors", {"module." + k: v for k, v in state.items()})
+  _assert_same_tree(convert.load_torchvision_resnet(wrapped, arch="resnet_small"), variables)
+
+
+def test_headless_state_dict_gives_headless_variables(tmp_path, small_resnet_state):
+  variables, state = small_resnet_state
+  path = tmp_path / "features.safetensors"
+  save_file({k: v for k, v in state.items() if not k.startswith("fc.")}, str(path))
+  loaded = convert.load_torchvision_resnet(path, arch="resnet_small")
+  assert "head" not in loaded["params"]
+  _assert_same_tree(loaded["params"],
+                    {k: v for k, v in variables["params"].items() if k != "head"})
+
+
+def _to_timm(params):
+  out = {}
+  for (*mods, leaf), v in traverse_util.flatten_dict(params).items():
+    v = np.asarray(v)
+    names = [m.replace("blocks_", "blocks.") for m in mods]
+    if names == ["patch_embed"]:
+      names = ["patch_embed", "proj"]
+    if leaf in ("cls_token", "pos_embed"):
+      out[leaf] = v
+      continue
+    if leaf == "kernel":
+      v = v.transpose(3, 2, 0, 1) if v.ndim == 4 else v.T
+    out[".".join(names + ["weight" if leaf in ("kernel", "scale") else "bias"])] = (
+        np.ascontiguousarray(v))
+  return out
+
+
+def test_timm_round_trip_infers_geometry(tmp_path):
+  model = get_model("vit_ti16", 3, image_size=32, patch_size=8, **_TINY_VIT)
+  params = _random_variables(model, (1, 32, 32, 3), seed=3)["params"]
+  path = tmp_path / "tiny_vit.safetensors"
+  save_file(_to_timm(params), str(path))
+  _assert_same_tree(convert.load_timm_vit(path, arch="vit_ti16", **_TINY_VIT),
+                    {"params": params})
+  # The registry's width (192) does not fit this file.
+  with pytest.raises(ValueError, match="tiny_vit.safetensors: key '.*' has the wrong shape"):
+    convert.load_timm_vit(path, arch="vit_ti16")
+
+
+def test_unreadable_inputs(tmp_path):
+  (tmp_path / "w.ckpt").write_bytes(b"")
+  with pytest.raises(ValueError, match="path: expected a .safetensors or .pth file"):
+    convert.load_torchvision_resnet(tmp_path / "w.ckpt", arch="resnet18")
+  with pytest.raises(FileNotFoundError):
+    convert.load_timm_vit(tmp_path / "absent.safetensors", arch="vit_ti16")
+  with pytest.raises(ValueError, match="expected a .npz"):
+    convert.load_big_vision_vit_npz(tmp_path / "w.ckpt", arch="vit_ti16")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is not None,
+                    reason="torch is installed, so .pth files are readable")
+def test_pth_without_torch_says_how_to_install(tmp_path):
+  (tmp_path / "resnet.pth").write_bytes(b"\x80\x02")
+  with pytest.raises(ImportError, match=r"resnet.pth: .*pip install repsim_jax\[torch\]"):
+    convert.load_torchvision_resnet(tmp_path / "resnet.pth", arch="resnet18")
+
+
+def test_pth_state_dict_with_torch(tmp_path, small_resnet_state):
+  torch = pytest.importorskip("torch", reason="torch not installed: .pth loading is optional")
+  variables, state = small_resnet_state
+  path = tmp_path / "resnet.pth"
+  torch.save({"state_dict": {k: torch.from_numpy(v) for k, v in state.items()}}, str(path))
+  _assert_same_tree(convert.load_torchvision_resnet(path, arch="resnet_small"), variables)
