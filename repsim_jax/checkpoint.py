@@ -97,7 +97,7 @@ def load_run_variables(workdir: str, step: int | None = None) -> dict:
   return jax.tree.map(np.asarray, dict(out["variables"]))
 
 
-def load_pretrained(path: str, model_name: str) -> dict:
+def load_pretrained(path: str, model_name: str, **model_kwargs) -> dict:
   """Model variables from a run dir (orbax), torchvision/timm `.safetensors`/`.pth`, or ViT `.npz`."""
   from repsim_jax.models import convert
   if os.path.isdir(path):
@@ -106,9 +106,9 @@ def load_pretrained(path: str, model_name: str) -> dict:
     raise FileNotFoundError(f"config.model.init={path!r}: no such file or run directory")
   is_vit = model_name.startswith("vit")
   if path.endswith(".npz"):
-    return convert.load_big_vision_vit_npz(path, arch=model_name)
+    return convert.load_big_vision_vit_npz(path, arch=model_name, **model_kwargs)
   if path.endswith((".safetensors", ".pth", ".pt", ".bin")):
     if is_vit:
-      return convert.load_timm_vit(path, arch=model_name)
-    return convert.load_torchvision_resnet(path, arch=model_name)
+      return convert.load_timm_vit(path, arch=model_name, **model_kwargs)
+    return convert.load_torchvision_resnet(path, arch=model_name, **model_kwargs)
   raise ValueError(f"config.model.init={path!r}: expected a run directory, .safetensors, .pth or .npz")

@@ -161,6 +161,20 @@ def train_config() -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 2
   c.train.tensorboard = True
 
+  c.analysis = ml_collections.ConfigDict()
+  # Log linear CKA of every representation to the pretrained model on the global batch, inside
+  # the jitted step, every `train.log_every` steps.
+  c.analysis.in_step_similarity = False
+  # At the end of a run from pretrained weights: similarity of every layer to the pretrained model.
+  c.analysis.final_similarity = True
+  # Sharpness (repsim_jax.sharpness) on a fixed probe set every N steps and at the end; 0 = off.
+  c.analysis.sharpness_every = 0
+  c.analysis.probe_batches = 2
+  c.analysis.sharpness = sharpness_config()
+  c.analysis.measures = ("linear_cka",)
+  c.analysis.split = "test"
+  c.analysis.max_examples = 2000
+
   c.parallel = ml_collections.ConfigDict()
   c.parallel.backend = "shard_map"  # shard_map | pmap
   c.parallel.num_devices = -1       # -1 = all
@@ -168,6 +182,11 @@ def train_config() -> ml_collections.ConfigDict:
   c.parallel.num_processes = 1
   c.parallel.process_id = 0
   return c
+
+
+def sharpness_config() -> ml_collections.ConfigDict:
+  from repsim_jax import sharpness  # pylint: disable=g-import-not-at-top
+  return sharpness.default_config()
 
 
 def method_config(name: str = "full_ft", **overrides) -> ml_collections.ConfigDict:

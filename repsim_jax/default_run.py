@@ -46,9 +46,10 @@ def run(config, workdir: str) -> dict:
       f.model.init = pre_dir
       f.method = copy.deepcopy(method_cfg)
     res = _stage(f, os.path.join(workdir, f"finetune_{key}"))
+    cka = res.get("similarity", {}).get("linear_cka", {})
     rows[key] = {"test": {k: res["final"]["test"][k] for k in REPORT_KEYS
                           if k in res["final"]["test"]},
-                 "extra": res.get("extra", {})}
+                 "extra": {f"cka_{layer}": v for layer, v in cka.items()}}
   summary = {"pretrain_val": pretrain["final"].get("val", {}), "methods": rows}
   if jax.process_index() == 0:
     config_lib.atomic_write_text(os.path.join(workdir, "results.json"),
@@ -61,13 +62,14 @@ def run(config, workdir: str) -> dict:
 
 def table(rows: dict) -> str:
   cols = [k for k in REPORT_KEYS if any(k in r["test"] for r in rows.values())]
-  extra = sorted({k for r in rows.values() for k in r.get("extra", {})})
-  head = f"{'method':<22}" + "".join(f"{c:>19}" for c in cols + extra)
+  extra = list(dict.fromkeys(k for r in rows.values() for k in r.get("extra", {})))
+  w = max(len(c) for c in cols + extra) + 2
+  head = f"{'method':<22}" + "".join(f"{c:>{w}}" for c in cols + extra)
   lines = [head, "-" * len(head)]
   for name, r in rows.items():
     vals = [r["test"].get(c, float("nan")) for c in cols] + [r["extra"].get(c, float("nan"))
                                                              for c in extra]
-    lines.append(f"{name:<22}" + "".join(f"{v:>19.4f}" for v in vals))
+    lines.append(f"{name:<22}" + "".join(f"{v:>{w}.4f}" for v in vals))
   return "\n".join(lines)
 
 
@@ -77,7 +79,7 @@ def plot(rows: dict, path: str) -> None:
   import matplotlib.pyplot as plt
   import numpy as np
   cols = [k for k in REPORT_KEYS if any(k in r["test"] for r in rows.values())]
-  extra = sorted({k for r in rows.values() for k in r.get("extra", {})})
+  extra = list(dict.fromkeys(k for r in rows.values() for k in r.get("extra", {})))
   keys = cols + extra
   fig, ax = plt.subplots(figsize=(1.6 * len(keys) + 2, 3.2))
   width = 0.8 / max(len(rows), 1)
@@ -87,7 +89,7 @@ def plot(rows: dict, path: str) -> None:
     ax.bar(x + i * width, vals, width, label=name)
   ax.set_xticks(x + width * (len(rows) - 1) / 2, keys, rotation=20)
   ax.set_ylim(0, 1)
-  ax.set_title("synthetic target, test split")
+  ax.set_title("synthetic target, test split: metrics and linear CKA to the pretrained model")
   ax.legend(fontsize=8)
   fig.tight_layout()
   tmp = path + ".tmp.png"

@@ -34,4 +34,11 @@ def _default(config, workdir):
   return default_run.run(config, workdir)
 
 
-JOBS = {"train": _train, "default": _default}
+def _analyze(config, workdir):
+  from repsim_jax import analysis
+  if not config.run:
+    raise ValueError("config.run: name the run directory to analyse (configs/analyze.py:run=DIR)")
+  return analysis.run(config, workdir)
+
+
+JOBS = {"train": _train, "default": _default, "analyze": _analyze}

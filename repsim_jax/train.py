@@ -21,8 +21,9 @@ import ml_collections
 import numpy as np
 import optax
 
-from repsim_jax import checkpoint as ckpt_lib
+from repsim_jax import analysis, checkpoint as ckpt_lib
 from repsim_jax import config_lib, data, metrics as metrics_lib, metric_writers, models, parallel
+from repsim_jax import sharpness, similarity
 from repsim_jax import methods as methods_lib
 from repsim_jax.data import pipeline
 from repsim_jax.optim import optimizers
@@ -56,12 +57,17 @@ def _correct(logits, labels, task: str):
   return (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
 
 
-def make_train_step(model, method: methods_lib.Method, tx, task: str):
+def make_train_step(model, method: methods_lib.Method, tx, task: str,
+                    similarity_every: int = 0):
   """Per-device `train_step(state, batch, rng) -> (state, metrics)`.
 
   The local objective is the local mean task loss plus the method's term (computed from
   global-batch statistics); gradients are `pmean`-ed over AXIS, which gives exactly the gradient
   of the global-batch objective, also through synchronised BatchNorm and all-gathered features.
+
+  `similarity_every > 0` adds `cka/<layer>`: linear CKA of every representation to the frozen
+  pretrained model on the global batch, vmapped over layers of equal shape, on the steps that
+  are logged (a `lax.cond` skips the work, including the pretrained forward pass, otherwise).
   """
 
   def train_step(state: TrainState, batch, rng):
@@ -93,9 +99,9 @@ def make_train_step(model, method: methods_lib.Method, tx, task: str):
       logits, reps, new_stats = forward(params)
       task_loss = jnp.mean(per_example_loss(logits, labels, task))
       reg, reg_metrics = method.loss(params, reps, ref_reps, state.ref_variables, state.step)
-      return task_loss + reg, (task_loss, reg_metrics, logits, new_stats)
+      return task_loss + reg, (task_loss, reg_metrics, logits, new_stats, reps)
 
-    grads, (task_loss, reg_metrics, logits, new_stats) = method.gradients(
+    grads, (task_loss, reg_metrics, logits, new_stats, reps) = method.gradients(
         jax.grad(loss_fn, has_aux=True), state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -107,11 +113,39 @@ def make_train_step(model, method: methods_lib.Method, tx, task: str):
                "accuracy": jax.lax.pmean(jnp.mean(_correct(logits, labels, task)), AXIS),
                "grad_norm": optax.tree.norm(grads)}
     metrics.update(parallel.pmean(reg_metrics))
+    if similarity_every:
+      metrics.update(_in_step_similarity(model, state, images, reps, ref_reps, similarity_every))
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
                               opt_state=opt_state, nonfinite_step=nonfinite)
     return new_state, metrics
 
   return train_step
+
+
+def _in_step_similarity(model, state, images, reps, ref_reps, every: int):
+  reps = jax.lax.stop_gradient(reps)
+
+  def compute(_):
+    ref = ref_reps
+    if ref is None:
+      ref = model.apply(state.ref_variables, images, train=False)[1]
+    gather = lambda r: jax.lax.all_gather(  # noqa: E731
+        similarity.pool_features(r.astype(jnp.float32)), AXIS, tiled=True)
+    a = {k: gather(v) for k, v in reps.items()}
+    b = {k: gather(ref[k]) for k in reps}
+    return {f"cka/{k}": v for k, v in similarity.layerwise_similarity(a, b).items()}
+
+  def skip(_):
+    return {f"cka/{k}": jnp.full((), jnp.nan, jnp.float32) for k in reps}
+
+  return jax.lax.cond((state.step + 1) % every == 0, compute, skip, None)
+
+
+def eval_loss(model, task, batch_stats, params, batch):
+  """Eval-mode (running BatchNorm statistics) mean task loss: what sharpness is measured on."""
+  logits, _ = model.apply({"params": params, "batch_stats": batch_stats}, batch["image"],
+                          train=False)
+  return jnp.mean(per_example_loss(logits, batch["label"], task))
 
 
 def make_eval_step(model):
@@ -143,7 +177,7 @@ def init_model_variables(model, cfg, image_shape, rng) -> dict:
 
 def load_init_variables(cfg, model_variables: dict) -> dict:
   """Pretrained variables for `config.model.init`, head re-initialised when the task differs."""
-  pretrained = ckpt_lib.load_pretrained(cfg.model.init, cfg.model.name)
+  pretrained = ckpt_lib.load_pretrained(cfg.model.init, cfg.model.name, **dict(cfg.model.kwargs))
   pretrained.setdefault("batch_stats", {})
   fresh = model_variables
   where = f"config.model.init={cfg.model.init}"
@@ -247,7 +281,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
       step=np.asarray(0, np.int32), params=params, batch_stats=variables["batch_stats"],
       opt_state=jax.tree.map(np.asarray, tx.init(params)),
       ref_variables=({"params": variables["params"], "batch_stats": variables["batch_stats"]}
-                     if method.needs_reference or method.reference_forward else {}),
+                     if method.needs_reference or method.reference_forward
+                     or cfg.analysis.in_step_similarity else {}),
       nonfinite_step=np.asarray(-1, np.int32))
 
   ckpt = ckpt_lib.Checkpointer(workdir, keep=cfg.train.keep_checkpoints)
@@ -261,7 +296,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     print(f"resumed from {ckpt.directory} at step {start}", flush=True)
 
   writer = metric_writers.MetricWriter(workdir, tensorboard=cfg.train.tensorboard)
-  p_train = dp.compile(make_train_step(model, method, tx, info.task))
+  sim_every = cfg.train.log_every if cfg.analysis.in_step_similarity else 0
+  p_train = dp.compile(make_train_step(model, method, tx, info.task, sim_every))
   p_eval = dp.compile(make_eval_step(model), donate_state=False, sharded_out=True)
   state = dp.put_replicated(state)
   rng_dev = dp.put_replicated(np.asarray(step_rng))
@@ -285,6 +321,21 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
               _train_item(host), {"data_iter": train_iter.get_state(), "model": cfg.model.name,
                                   "step": step})
     last_saved = step
+
+  probe = None
+  if cfg.analysis.sharpness_every:
+    # A fixed probe set (first batches of the ordered val split), drawn once.
+    probe_iter = eval_iter_fn("val" if "val" in splits else "train")
+    probe = [{"image": b["image"], "label": b["label"]}
+             for b, _ in zip(probe_iter, range(cfg.analysis.probe_batches))]
+
+  def run_sharpness(step):
+    host = dp.get_replicated(state)
+    loss_fn = jax.tree_util.Partial(eval_loss, model, info.task, host.batch_stats)
+    m = sharpness.sharpness_report(loss_fn, host.params["model"], probe,
+                                   jax.random.PRNGKey(cfg.seed), cfg.analysis.sharpness)
+    writer.write(step, "sharpness", m)
+    return m
 
   def run_eval(step):
     row = {}
@@ -312,24 +363,48 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
       progress.print(step, {"loss": m["loss"], "acc": m["accuracy"]})
     if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != num_steps:
       run_eval(step)
+    if probe and step % cfg.analysis.sharpness_every == 0 and step != num_steps:
+      run_sharpness(step)
     if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
       save(step)
   if step != last_saved or start == num_steps:
     if step != last_saved:
       save(step)
   final = run_eval(num_steps)
+  if probe:
+    final["sharpness"] = run_sharpness(num_steps)
   train_seconds = time.perf_counter() - t_start
+  sim = {}
+  if cfg.model.init and cfg.analysis.final_similarity:
+    sim = final_similarity(cfg, dp, model, variables, dp.get_replicated(state), eval_iter_fn,
+                           splits)
+    writer.write(num_steps, "similarity", {f"{m}/{k}": v for m, d in sim.items()
+                                          for k, v in d.items()})
   writer.close()
   ckpt.close()
   results = {"step": num_steps, "model": cfg.model.name, "method": cfg.method.name,
              "task": info.task, "dataset": info.name, "train_seconds": train_seconds,
-             "final": final, "best_val": _best_by_val(history)}
+             "final": final, "best_val": _best_by_val(history), "similarity": sim}
   if jax.process_index() == 0:
     config_lib.atomic_write_text(os.path.join(workdir, "results.json"),
                                  json.dumps(results, indent=2, default=float) + "\n")
   results["state"] = state
   results["dp"] = dp
   return results
+
+
+def final_similarity(cfg, dp, model, init_variables, host_state, eval_iter_fn, splits) -> dict:
+  """Similarity of every named representation of the trained model to the initial (pretrained)
+  one on `config.analysis.split`: {measure: {layer: value}}."""
+  split = cfg.analysis.split if cfg.analysis.split in splits else "val"
+  feature_step = analysis.make_feature_step(model)
+  step = dp.compile(feature_step, donate_state=False, sharded_out=True)
+  pretrained = {"params": init_variables["params"], "batch_stats": init_variables["batch_stats"]}
+  tuned = {"params": host_state.params["model"], "batch_stats": host_state.batch_stats}
+  fa = analysis.extract_features(dp, step, tuned, eval_iter_fn(split), cfg.analysis.max_examples)
+  fb = analysis.extract_features(dp, step, pretrained, eval_iter_fn(split),
+                                 cfg.analysis.max_examples)
+  return analysis.compare(fa, fb, tuple(cfg.analysis.measures), feature_step.layer_order)
 
 
 def _best_by_val(history):

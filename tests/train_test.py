@@ -148,3 +148,42 @@ def test_checkpoint_from_other_model_is_a_clear_error(tmp_path):
   with pytest.raises(ValueError, match="holds a different model"):
     train.train_and_evaluate(tiny_config(tmp_path, **{"model.name": "resnet_small",
                                                       "train.num_steps": 4}), wd)
+
+
+def _free_port():
+  import socket
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_of_four_devices_equal_one_process(tmp_path):
+  """Multi-host data parallelism (jax.distributed, gloo on CPU) gives the single-host result."""
+  data_dir = tmp_path / "data"
+  cfg = tiny_config(tmp_path, **{"parallel.num_devices": -1, "train.checkpoint_every": 10,
+                                 "train.eval_splits": ("test",)})
+  single = train.train_and_evaluate(cfg, str(tmp_path / "single"))
+  port = _free_port()
+  args = ["--config=configs/finetune.py:model=small_cnn,source=synthetic,dataset=medical_gray,"
+          "size=16,steps=20,batch=32,lr=0.05",
+          f"--config.data.data_dir={data_dir}", "--config.data.train_size=256",
+          "--config.data.val_size=64", "--config.data.test_size=64", "--config.data.difficulty=0.2",
+          "--config.data.num_classes=3", "--config.optim.warmup_steps=2",
+          "--config.train.checkpoint_every=10", "--config.train.log_every=5",
+          "--config.train.tensorboard=False", "--config.train.eval_splits=('test',)",
+          f"--config.parallel.coordinator_address=localhost:{port}",
+          "--config.parallel.num_processes=2", f"--workdir={tmp_path / 'multi'}"]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  procs = [subprocess.Popen([sys.executable, "-m", "repsim_jax.main", *args,
+                             f"--config.parallel.process_id={i}"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  outs = [p.communicate(timeout=600)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+  multi = checkpoint.load_run_variables(str(tmp_path / "multi"))
+  ref = single["dp"].get_replicated(single["state"])
+  assert max_rel_err(multi["params"], ref.params["model"]) <= 1e-5
+  saved = json.load(open(tmp_path / "multi" / "results.json"))
+  assert saved["final"]["test"]["num_examples"] == 64
+  assert saved["final"]["test"]["accuracy"] == pytest.approx(
+      single["final"]["test"]["accuracy"], abs=1 / 64 + 1e-9)

@@ -1,0 +1,154 @@
+"""The baselines RepSim is compared with, in the same trainer (DESIGN §1)."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from repsim_jax import parallel
+from repsim_jax.methods.base import BACKBONE, Method, check_layers, gather, lam_at, layer_weights, pool
+from repsim_jax.optim import optimizers
+
+
+class FullFineTuning(Method):
+  name = "full_ft"
+
+
+class LinearProbe(Method):
+  """Only the head learns; the backbone (weights and BatchNorm statistics) stays bit-identical."""
+  name = "linear_probe"
+
+  def optimizer(self, make_tx, params):
+    return optimizers.freeze(make_tx(), params, BACKBONE)
+
+  def bn_train(self, step):
+    return False
+
+
+def delayed(tx: optax.GradientTransformation, start: int) -> optax.GradientTransformation:
+  """`tx` that gives zero updates and keeps its state untouched for the first `start` steps."""
+
+  def init_fn(params):
+    return (jnp.zeros((), jnp.int32), tx.init(params))
+
+  def update_fn(updates, state, params=None):
+    count, inner = state
+
+    def run(_):
+      return tx.update(updates, inner, params)
+
+    def wait(_):
+      return jax.tree.map(jnp.zeros_like, updates), inner
+
+    new_updates, new_inner = jax.lax.cond(count >= start, run, wait, None)
+    return new_updates, (count + 1, new_inner)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+class LPFT(Method):
+  """LP-FT (Kumar et al. 2022): linear probing for `lp_steps`, then full fine-tuning.
+
+  During the probe the backbone gets no updates, its optimiser state stays empty and BatchNorm
+  runs in eval mode; the backbone's schedule starts at `lp_steps`.
+  """
+  name = "lp_ft"
+
+  def optimizer(self, make_tx, params):
+    rx = re.compile(BACKBONE)
+    labels = lambda tree: jax.tree_util.tree_map_with_path(  # noqa: E731
+        lambda p, _: "backbone" if rx.search(optimizers.path_str(p)) else "head", tree)
+    return optax.multi_transform({"head": make_tx(),
+                                  "backbone": delayed(make_tx(offset=self.cfg.lp_steps),
+                                                      self.cfg.lp_steps)}, labels)
+
+  def bn_train(self, step):
+    return step >= self.cfg.lp_steps
+
+
+def _split(tree):
+  """(backbone leaves, head leaves) of the model params, as lists."""
+  rx = re.compile(r"^(?!head/)")
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  back = [v for p, v in flat if rx.search(optimizers.path_str(p))]
+  head = [v for p, v in flat if not rx.search(optimizers.path_str(p))]
+  return back, head
+
+
+class L2SP(Method):
+  """½α‖w − w₀‖² on the backbone (w₀: pretrained) + ½β‖w‖² on the head (Li et al. 2018)."""
+  name = "l2sp"
+  needs_reference = True
+
+  def loss(self, params, reps, ref_reps, ref_variables, step):
+    back, head = _split(params["model"])
+    back0, _ = _split(ref_variables["params"])
+    sp = sum(jnp.sum((w - w0) ** 2) for w, w0 in zip(back, back0))
+    l2 = sum(jnp.sum(w ** 2) for w in head)
+    return 0.5 * self.cfg.alpha * sp + 0.5 * self.cfg.beta * l2, {"l2sp/distance": jnp.sqrt(sp)}
+
+
+class DELTA(Method):
+  """DELTA-style feature regularisation (Li et al. 2019): ‖FM − FM₀‖² on the chosen layers'
+  feature maps (mean over examples and positions, summed over channels, unweighted channel
+  attention) + ½β‖w‖² on the head."""
+  name = "delta"
+  needs_reference = True
+  reference_forward = True
+
+  def loss(self, params, reps, ref_reps, ref_variables, step):
+    del ref_variables
+    check_layers(self.cfg, reps)
+    total = jnp.zeros((), jnp.float32)
+    metrics = {}
+    for layer, w in layer_weights(self.cfg).items():
+      a, b = reps[layer].astype(jnp.float32), ref_reps[layer].astype(jnp.float32)
+      d = jnp.sum((a - b) ** 2, axis=-1).mean()
+      metrics[f"delta/{layer}"] = jax.lax.stop_gradient(d)
+      total = total + w * d
+    _, head = _split(params["model"])
+    l2 = sum(jnp.sum(w ** 2) for w in head)
+    return lam_at(self.cfg, step) * total + 0.5 * self.cfg.beta * l2, metrics
+
+
+class BSS(Method):
+  """Batch Spectral Shrinkage (Chen et al. 2019): η Σ_{i≤k} σ²_{-i}, the k smallest singular
+  values of the (global) batch of `pre_logits` features."""
+  name = "bss"
+
+  def loss(self, params, reps, ref_reps, ref_variables, step):
+    f = gather(pool(reps["pre_logits"]))
+    s = jnp.linalg.svd(f, compute_uv=False)  # descending
+    k = self.cfg.bss_k
+    term = jnp.sum(s[-k:] ** 2)
+    return lam_at(self.cfg, step) * term, {"bss/smallest_sv": jax.lax.stop_gradient(s[-1])}
+
+
+class SAM(Method):
+  """SAM (Foret et al. 2021) and ASAM (`name='asam'`, Kwon et al. 2021) as gradient rules.
+
+  The ascent direction uses the *global* batch gradient, so the step is the same on any number of
+  devices: ε = ρ g/‖g‖ (SAM) or ε = ρ T²g/‖T g‖ with T = |w| + η (ASAM), then the gradient at
+  w + ε. Only model parameters are perturbed.
+  """
+  name = "sam"
+
+  def gradients(self, grad_fn, params):
+    g, aux = grad_fn(params)  # BatchNorm statistics and metrics come from the unperturbed pass.
+    g = parallel.pmean(g)
+    adaptive = self.cfg.name == "asam"
+    rho, eta = self.cfg.rho, self.cfg.eta
+    if adaptive:
+      t = jax.tree.map(lambda w: jnp.abs(w) + eta, params)
+      norm = optax.tree.norm(jax.tree.map(lambda a, b: a * b, t, g))
+      eps = jax.tree.map(lambda a, b: rho * a * a * b / (norm + 1e-12), t, g)
+    else:
+      norm = optax.tree.norm(g)
+      eps = jax.tree.map(lambda b: rho * b / (norm + 1e-12), g)
+    eps = {"model": eps["model"], "method": jax.tree.map(jnp.zeros_like, eps["method"])}
+    perturbed = jax.tree.map(lambda w, e: w + e, params, eps)
+    grads, _ = grad_fn(perturbed)
+    return parallel.pmean(grads), aux

@@ -1,0 +1,131 @@
+"""RepSim: keep the fine-tuned representation close to the pretrained one up to a rotation.
+
+For each regularised layer, with F (fine-tuned) and P (frozen pretrained) features of the *global*
+batch, centred and Frobenius-normalised, the term is `‖F Q − P‖²_F` (DESIGN §1). Similarity
+measures such as linear CKA cannot see orthogonal transforms, so penalising the distance modulo Q
+keeps what they measure while leaving the network free to rotate its features.
+
+`q_mode`:
+  learned     Q trainable on the Stiefel manifold (Riemannian SGD/Adam, `optim.stiefel`);
+  procrustes  Q = U Vᵀ of svd(Fᵀ P) each step, gradient stopped (envelope theorem: exact);
+  identity    Q = I (normalised feature distillation: the no-invariance baseline);
+  covariance  ‖Qᵀ C_F Q − C_P‖² with C_P fixed from the pretrained model at start (no per-step
+              pretrained forward pass);
+  cka         1 − linear CKA(F, P).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from repsim_jax import similarity
+from repsim_jax.methods.base import Method, check_layers, gather, lam_at, layer_weights, normalize, pool
+from repsim_jax.optim import stiefel
+
+Q_MODES = ("learned", "procrustes", "identity", "covariance", "cka")
+Q_KEY = "repsim_q"       # method params holding Q per layer (on the Stiefel manifold)
+COV_KEY = "repsim_cov"   # fixed pretrained covariances (covariance mode; never updated)
+
+
+class RepSim(Method):
+  name = "repsim"
+  needs_reference = True
+
+  def __init__(self, cfg):
+    super().__init__(cfg)
+    if cfg.q_mode not in Q_MODES:
+      raise ValueError(f"config.method.q_mode={cfg.q_mode!r}: expected one of {list(Q_MODES)}")
+    self.weights = layer_weights(cfg)
+    self.reference_forward = cfg.q_mode != "covariance"
+    self.needs_reference = self.reference_forward
+
+  # -- parameters -------------------------------------------------------------------------------
+  def init_params(self, rng, variables, batches, apply_fn) -> dict:
+    del rng
+    if self.cfg.q_mode not in ("learned", "covariance"):
+      return {}
+    feats = [apply_fn(variables, b["image"], train=False)[1] for b in batches]
+    check_layers(self.cfg, feats[0])
+    out = {Q_KEY: {}}
+    for layer in self.weights:
+      p = np.concatenate([np.asarray(pool(f[layer])) for f in feats])
+      d = p.shape[1]
+      if self.cfg.q_init == "procrustes":
+        # F = P at the start of fine-tuning (same weights), so the first-batch solution is ~I; it
+        # differs when the head or BatchNorm mode differ, and for warm starts from other runs.
+        f = np.asarray(pool(apply_fn(variables, batches[0]["image"], train=False)[1][layer]))
+        out[Q_KEY][layer] = stiefel.procrustes_init(normalize(f), normalize(p[: len(f)]))
+      elif self.cfg.q_init == "identity":
+        out[Q_KEY][layer] = stiefel.identity_init(d, d)
+      else:
+        raise ValueError(f"config.method.q_init={self.cfg.q_init!r}: expected identity | procrustes")
+      if self.cfg.q_mode == "covariance":
+        pn = normalize(jnp.asarray(p))
+        out.setdefault(COV_KEY, {})[layer] = pn.T @ pn
+    return jax.tree.map(np.asarray, out)
+
+  def optimizer(self, make_tx, params):
+    if Q_KEY not in params.get("method", {}):
+      return make_tx()
+    c = self.cfg
+    if c.q_optimizer == "sgd":
+      q_tx = stiefel.stiefel_sgd(c.q_lr, momentum=c.q_momentum, method=c.retraction)
+    elif c.q_optimizer == "adam":
+      q_tx = stiefel.stiefel_adam(c.q_lr, method=c.retraction)
+    else:
+      raise ValueError(f"config.method.q_optimizer={c.q_optimizer!r}: expected sgd | adam")
+    labels = lambda tree: jax.tree_util.tree_map_with_path(  # noqa: E731
+        lambda p, _: _label(p), tree)
+    return optax.multi_transform({"q": q_tx, "fixed": optax.set_to_zero(), "rest": make_tx()},
+                                 labels)
+
+  # -- the regulariser ----------------------------------------------------------------------------
+  def loss(self, params, reps, ref_reps, ref_variables, step):
+    del ref_variables
+    mode = self.cfg.q_mode
+    total = jnp.zeros((), jnp.float32)
+    metrics = {}
+    for layer, w in self.weights.items():
+      f = normalize(gather(pool(reps[layer])))
+      if mode == "covariance":
+        q = params["method"][Q_KEY][layer]
+        c_f = f.T @ f
+        c_p = params["method"][COV_KEY][layer]
+        term = jnp.sum((q.T @ c_f @ q - c_p) ** 2)
+      else:
+        p = normalize(gather(pool(ref_reps[layer])))
+        if mode == "learned":
+          q = params["method"][Q_KEY][layer]
+          term = jnp.sum((f @ q - p) ** 2)
+        elif mode == "procrustes":
+          q = jax.lax.stop_gradient(procrustes_q(f, p))
+          term = jnp.sum((f @ q - p) ** 2)
+        elif mode == "identity":
+          term = jnp.sum((f - p) ** 2)
+        else:  # cka
+          term = 1.0 - similarity.linear_cka(f, p)
+        metrics[f"cka/{layer}"] = jax.lax.stop_gradient(similarity.linear_cka(f, p))
+      if mode in ("learned", "covariance"):
+        metrics[f"orth_err/{layer}"] = stiefel.orthogonality_error(q)
+      metrics[f"repsim/{layer}"] = jax.lax.stop_gradient(term)
+      total = total + w * term
+    return lam_at(self.cfg, step) * total, metrics
+
+
+def procrustes_q(f, p):
+  """argmin_Q ‖F Q − P‖ over QᵀQ = I: U Vᵀ from the SVD of Fᵀ P."""
+  u, _, vt = jnp.linalg.svd(f.T @ p, full_matrices=False)
+  return u @ vt
+
+
+def _label(path) -> str:
+  from repsim_jax.optim.optimizers import path_str
+  s = path_str(path)
+  if s.startswith(f"method/{Q_KEY}/"):
+    return "q"
+  if s.startswith(f"method/{COV_KEY}/"):
+    return "fixed"
+  return "rest"
