@@ -1,0 +1,458 @@
+"""Optimisation on the Stiefel manifold St(d_ft, d_pre) = {Q : QᵀQ = I} as optax transforms.
+
+RepSim keeps a matrix Q (d_ft × d_pre, d_ft ≥ d_pre) on the manifold while the rest of the network
+trains with any optax optimiser. The recipe (Absil, Mahony & Sepulchre 2008, ch. 4) is
+
+  Euclidean gradient G --project_gradients--> Riemannian gradient (tangent at Q)
+    --optax.trace / optax.scale_by_adam--> statistics of projected gradients
+    --optax.scale_by_learning_rate--> step V (ambient; momentum mixes tangent spaces)
+    --stiefel_retraction--> update retract(Q, P_Q V) − Q,
+
+so ``optax.apply_updates`` lands on the manifold. Re-projecting the accumulated step at the
+current Q is the projection vector transport, the usual choice for momentum methods on St.
+
+All array functions take a single matrix (..., d_ft, d_pre) batched over any leading axes and are
+jit- and vmap-friendly.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Callable, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+__all__ = [
+    "RETRACTIONS",
+    "identity_init",
+    "orthogonality_error",
+    "partition",
+    "procrustes_init",
+    "project_gradients",
+    "project_tangent",
+    "retract",
+    "stiefel_adam",
+    "stiefel_labels",
+    "stiefel_retraction",
+    "stiefel_sgd",
+]
+
+RETRACTIONS = ("qr", "cayley", "polar")
+
+# Labels used inside `partition`.
+_STIEFEL = "stiefel"
+_REST = "rest"
+
+
+# ----------------------------------------------------------------------------- array functions
+
+
+def _check_stiefel_shape(x: Any, name: str) -> None:
+  shape = jnp.shape(x)
+  if len(shape) < 2:
+    raise ValueError(f"{name}: expected a (..., d_ft, d_pre) matrix, got shape {shape}")
+  if shape[-2] < shape[-1]:
+    raise ValueError(
+        f"{name}: expected d_ft >= d_pre for a Stiefel matrix (..., d_ft, d_pre), got shape {shape}"
+    )
+
+
+def _mT(x: jax.Array) -> jax.Array:
+  return jnp.swapaxes(x, -1, -2)
+
+
+def _sym(a: jax.Array) -> jax.Array:
+  return 0.5 * (a + _mT(a))
+
+
+def _compute_dtype(dtype) -> jnp.dtype:
+  # LAPACK-style factorisations need float32 at least (no bf16/f16 QR or SVD).
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def project_tangent(q: jax.Array, g: jax.Array) -> jax.Array:
+  """Orthogonal projection of `g` onto the tangent space of the Stiefel manifold at `q`.
+
+  P_Q(G) = G − Q sym(QᵀG), sym(A) = (A + Aᵀ)/2 (embedded metric). The result V satisfies
+  QᵀV + VᵀQ = 0.
+
+  Args:
+    q: (..., d_ft, d_pre) point on the manifold.
+    g: (..., d_ft, d_pre) ambient matrix (e.g. a Euclidean gradient); same shape as `q`.
+
+  Returns:
+    (..., d_ft, d_pre) tangent vector.
+  """
+  _check_stiefel_shape(q, "q")
+  if jnp.shape(g) != jnp.shape(q):
+    raise ValueError(f"g: expected the shape of q {jnp.shape(q)}, got {jnp.shape(g)}")
+  return g - q @ _sym(_mT(q) @ g)
+
+
+def _retract_qr(m: jax.Array) -> jax.Array:
+  q, r = jnp.linalg.qr(m)  # reduced: (..., n, p), (..., p, p)
+  d = jnp.diagonal(r, axis1=-2, axis2=-1)
+  # Unique QR with positive diag(R): flip the matching columns of Q (a zero pivot keeps +1).
+  signs = jnp.where(d < 0, -1.0, 1.0).astype(q.dtype)
+  return q * signs[..., None, :]
+
+
+def _polar_svd(m: jax.Array) -> jax.Array:
+  """U Vᵀ of the thin SVD; defined for rank-deficient m too (used by procrustes_init)."""
+  # QR-iteration SVD: LAPACK's divide-and-conquer driver can fail (JAX then returns NaN) on
+  # matrices whose singular values cluster; this is a one-off call, so robustness wins.
+  u, _, vh = jax.lax.linalg.svd(
+      m, full_matrices=False, algorithm=jax.lax.linalg.SvdAlgorithm.QR
+  )
+  return u @ vh
+
+
+def _retract_polar(m: jax.Array) -> jax.Array:
+  """Polar factor M (MᵀM)^(-1/2) (= U Vᵀ of the thin SVD of M) through eigh of the p × p Gram.
+
+  For M = Q + V with V tangent, MᵀM = I + VᵀV has eigenvalues in [1, 1 + ‖V‖₂²], so the Gram
+  route is well conditioned. It is used instead of an SVD of M because there all singular values
+  cluster at 1, the case where LAPACK's divide-and-conquer SVD (JAX's CPU default) can fail and
+  return NaN (seen on a 2048 × 2048 float32 step); eigh is robust and several times faster.
+  """
+  gram = _sym(_mT(m) @ m)
+  w, u = jnp.linalg.eigh(gram)
+  return m @ ((u * jax.lax.rsqrt(w)[..., None, :]) @ _mT(u))
+
+
+def _retract_cayley(q: jax.Array, v: jax.Array) -> jax.Array:
+  """Cayley retraction Y = (I − W/2)⁻¹ (I + W/2) Q with skew W = P V Qᵀ − Q Vᵀ P, P = I − ½QQᵀ.
+
+  Wen & Yin (2013) / Li, Fuxin & Todorovic (2020). For tangent V, W Q = V, so Y'(0) = V; Y is
+  exactly orthonormal because the Cayley transform of a skew matrix is orthogonal. With
+  W = U Zᵀ, U = [PV, Q], Z = [Q, −PV] (both n × 2p), Sherman–Morrison–Woodbury gives
+  Y = Q + U (I₂ₚ − ½ ZᵀU)⁻¹ ZᵀQ, a 2p × 2p solve; used when 2p < n, else the dense n × n solve
+  Y = 2 (I − W/2)⁻¹ Q − Q is cheaper.
+
+  The Cayley map is an isometry, so it carries any roundoff error of Q forward and float32 error
+  accumulates over thousands of steps. One Newton–Schulz polar step Y ← Y (3I − YᵀY)/2 follows:
+  it is the identity on the manifold and squares a small deviation (E -> O(E²)).
+  """
+  n, p = q.shape[-2], q.shape[-1]
+  qt_v = _mT(q) @ v
+  pv = v - 0.5 * q @ qt_v  # P V without forming the n × n matrix P
+  if 2 * p < n:
+    u = jnp.concatenate([pv, q], axis=-1)  # (..., n, 2p)
+    z = jnp.concatenate([q, -pv], axis=-1)  # (..., n, 2p)
+    zt_q = _mT(z) @ q  # (..., 2p, p)
+    small = jnp.eye(2 * p, dtype=q.dtype) - 0.5 * (_mT(z) @ u)
+    y = q + u @ jnp.linalg.solve(small, zt_q)
+  else:
+    w = pv @ _mT(q) - q @ _mT(pv)  # (..., n, n) skew
+    lhs = jnp.eye(n, dtype=q.dtype) - 0.5 * w
+    y = 2.0 * jnp.linalg.solve(lhs, q) - q
+  return 1.5 * y - 0.5 * y @ (_mT(y) @ y)
+
+
+def retract(q: jax.Array, v: jax.Array, method: str = "qr") -> jax.Array:
+  """Retraction R_Q(V) of a tangent step `v` at `q` back onto the Stiefel manifold.
+
+  Methods:
+    "qr": Q-factor of Q + V with the signs of diag(R) made positive.
+    "cayley": (I − W/2)⁻¹(I + W/2) Q with W = P V Qᵀ − Q Vᵀ P, P = I − ½QQᵀ (Wen & Yin 2013),
+      solved in the low-rank (Sherman–Morrison–Woodbury) form when 2·d_pre < d_ft, then one
+      Newton–Schulz step (identity on the manifold) so roundoff does not accumulate.
+    "polar": U Vᵀ from the thin SVD U Σ Vᵀ of Q + V (the closest orthonormal matrix to Q + V),
+      computed as M (MᵀM)^(-1/2), M = Q + V, by eigh of the d_pre × d_pre Gram (full column rank
+      is guaranteed for tangent V: MᵀM = I + VᵀV).
+
+  All three map any `v` onto the manifold; they are first-order retractions (R_Q(0) = Q,
+  dR_Q(tV)/dt|₀ = V) when `v` is tangent at `q`, so project first (`project_tangent`).
+  Computation runs in at least float32; the result has the dtype of `q`.
+
+  Args:
+    q: (..., d_ft, d_pre) point on the manifold, d_ft >= d_pre.
+    v: (..., d_ft, d_pre) tangent step at `q`.
+    method: one of "qr", "cayley", "polar".
+
+  Returns:
+    (..., d_ft, d_pre) point on the manifold.
+  """
+  _check_stiefel_shape(q, "q")
+  if jnp.shape(v) != jnp.shape(q):
+    raise ValueError(f"v: expected the shape of q {jnp.shape(q)}, got {jnp.shape(v)}")
+  if method not in RETRACTIONS:
+    raise ValueError(f"method: expected one of {RETRACTIONS}, got {method!r}")
+  out_dtype = jnp.result_type(q)
+  dtype = _compute_dtype(jnp.result_type(q, v))
+  q32, v32 = jnp.asarray(q, dtype), jnp.asarray(v, dtype)
+  if method == "qr":
+    y = _retract_qr(q32 + v32)
+  elif method == "polar":
+    y = _retract_polar(q32 + v32)
+  else:
+    y = _retract_cayley(q32, v32)
+  return y.astype(out_dtype)
+
+
+def orthogonality_error(q: jax.Array) -> jax.Array:
+  """‖QᵀQ − I‖_F over the last two axes: (..., d_ft, d_pre) -> (...)."""
+  _check_stiefel_shape(q, "q")
+  q = jnp.asarray(q, _compute_dtype(jnp.result_type(q)))
+  gram = _mT(q) @ q
+  eye = jnp.eye(q.shape[-1], dtype=q.dtype)
+  return jnp.sqrt(jnp.sum(jnp.square(gram - eye), axis=(-2, -1)))
+
+
+def identity_init(d_ft: int, d_pre: int, dtype=jnp.float32) -> jax.Array:
+  """The (d_ft, d_pre) matrix with ones on the main diagonal: a point on St(d_ft, d_pre)."""
+  if not (isinstance(d_ft, (int, np.integer)) and d_ft >= 1):
+    raise ValueError(f"d_ft: expected a positive int, got {d_ft!r}")
+  if not (isinstance(d_pre, (int, np.integer)) and d_pre >= 1):
+    raise ValueError(f"d_pre: expected a positive int, got {d_pre!r}")
+  if d_ft < d_pre:
+    raise ValueError(f"d_ft: expected d_ft >= d_pre, got d_ft={d_ft}, d_pre={d_pre}")
+  return jnp.eye(d_ft, d_pre, dtype=dtype)
+
+
+def procrustes_init(f: jax.Array, p: jax.Array) -> jax.Array:
+  """Orthogonal Procrustes: U Vᵀ from the thin SVD U Σ Vᵀ of FᵀP.
+
+  It maximises tr(Qᵀ FᵀP) over St(d_ft, d_pre). When d_ft = d_pre, ‖FQ‖_F = ‖F‖_F is constant, so
+  it is the exact minimiser of ‖F Q − P‖_F. When d_ft > d_pre, ‖FQ‖_F depends on Q (unless
+  FᵀF ∝ I) and the minimiser of ‖F Q − P‖_F has no closed form ("unbalanced Procrustes"); U Vᵀ
+  is then the standard starting point, which the Riemannian optimiser refines.
+  Pass the features exactly as the RepSim term sees them (centred, Frobenius-normalised).
+
+  Args:
+    f: (..., n, d_ft) fine-tuned features.
+    p: (..., n, d_pre) pretrained features, d_pre <= d_ft.
+
+  Returns:
+    (..., d_ft, d_pre) orthonormal Q, in the dtype of `f`.
+  """
+  if jnp.ndim(f) < 2 or jnp.ndim(p) < 2:
+    raise ValueError(
+        f"f, p: expected (..., n, d) feature matrices, got shapes {jnp.shape(f)}, {jnp.shape(p)}"
+    )
+  if jnp.shape(f)[:-1] != jnp.shape(p)[:-1]:
+    raise ValueError(
+        f"p: expected the leading shape (..., n) of f {jnp.shape(f)[:-1]}, got {jnp.shape(p)[:-1]}"
+    )
+  if jnp.shape(f)[-1] < jnp.shape(p)[-1]:
+    raise ValueError(
+        f"f: expected d_ft >= d_pre, got d_ft={jnp.shape(f)[-1]}, d_pre={jnp.shape(p)[-1]}"
+    )
+  out_dtype = jnp.result_type(f)
+  dtype = _compute_dtype(jnp.result_type(f, p))
+  m = _mT(jnp.asarray(f, dtype)) @ jnp.asarray(p, dtype)
+  return _polar_svd(m).astype(out_dtype)
+
+
+# ----------------------------------------------------------------------------- optax transforms
+
+
+def _path_str(path) -> str:
+  """'params/repsim_q/kernel' from a jax key path."""
+  parts = []
+  for k in path:
+    if isinstance(k, jax.tree_util.DictKey):
+      parts.append(str(k.key))
+    elif isinstance(k, jax.tree_util.GetAttrKey):
+      parts.append(str(k.name))
+    elif isinstance(k, jax.tree_util.SequenceKey):
+      parts.append(str(k.idx))
+    elif isinstance(k, jax.tree_util.FlattenedIndexKey):
+      parts.append(str(k.key))
+    else:
+      parts.append(str(k))
+  return "/".join(parts)
+
+
+def _default_tol(dtype, p: int) -> float:
+  # Half the significant digits of the dtype, scaled by the Frobenius norm of I_p: loose enough for
+  # an SVD/QR-made point in float32, far below the O(1) error of an unconstrained init.
+  return math.sqrt(float(jnp.finfo(_compute_dtype(dtype)).eps)) * math.sqrt(p)
+
+
+def _is_concrete_array(x: Any) -> bool:
+  return isinstance(x, (jax.Array, np.ndarray)) and not isinstance(x, jax.core.Tracer)
+
+
+def _check_on_manifold(params, tol: float | None, who: str) -> None:
+  """Raise ValueError naming the first leaf that is not a Stiefel point (concrete leaves only)."""
+  leaves, _ = jax.tree_util.tree_flatten_with_path(params)
+  for path, leaf in leaves:
+    name = _path_str(path) or "<root>"
+    _check_stiefel_shape(leaf, f"{who}: parameter {name!r}")
+    if not _is_concrete_array(leaf):
+      continue  # traced init (inside jit): nothing concrete to check
+    if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+      raise ValueError(f"{who}: parameter {name!r}: expected a float array, got {leaf.dtype}")
+    bound = _default_tol(leaf.dtype, leaf.shape[-1]) if tol is None else tol
+    err = float(jnp.max(orthogonality_error(leaf)))
+    if not err <= bound:  # also catches NaN
+      raise ValueError(
+          f"{who}: parameter {name!r} is off the Stiefel manifold: ‖QᵀQ − I‖_F = {err:.3g} > "
+          f"tol {bound:.3g}; initialise it with identity_init / procrustes_init"
+      )
+
+
+def project_gradients() -> optax.GradientTransformation:
+  """Project each incoming gradient leaf onto the tangent space at the matching param leaf.
+
+  Put it first in the chain so momentum / Adam statistics accumulate Riemannian gradients.
+  Every leaf must be a (..., d_ft, d_pre) matrix; `update` needs `params`.
+  """
+
+  def init_fn(params):
+    del params
+    return optax.EmptyState()
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError("params: project_gradients needs the current params in update")
+    return jax.tree.map(project_tangent, params, updates), state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def stiefel_retraction(
+    method: str = "qr", check_init: bool = True, tol: float | None = None
+) -> optax.GradientTransformation:
+  """Turn an already-scaled ambient step V into `retract(Q, P_Q V) − Q` for each leaf Q.
+
+  Place it last in the chain (after the learning rate), so `optax.apply_updates` lands on the
+  manifold (up to one rounding of Q + update in the param dtype).
+
+  Args:
+    method: retraction, one of "qr", "cayley", "polar" (see `retract`).
+    check_init: at `init`, raise ValueError naming any concrete param leaf with
+      ‖QᵀQ − I‖_F > tol; such a leaf is never projected silently. Leaves traced under jit are
+      not checked.
+    tol: that bound; None means sqrt(eps(dtype) · d_pre), e.g. 3.5e-4·sqrt(d_pre) for float32.
+
+  Returns:
+    An `optax.GradientTransformation` with empty state whose `update` needs `params`.
+  """
+  if method not in RETRACTIONS:
+    raise ValueError(f"method: expected one of {RETRACTIONS}, got {method!r}")
+  if tol is not None and not tol > 0:
+    raise ValueError(f"tol: expected a positive float or None, got {tol!r}")
+
+  def init_fn(params):
+    if check_init:
+      _check_on_manifold(params, tol, "stiefel_retraction")
+    else:
+      for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        _check_stiefel_shape(leaf, f"stiefel_retraction: parameter {_path_str(path)!r}")
+    return optax.EmptyState()
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError("params: stiefel_retraction needs the current params in update")
+
+    def one(q, v):
+      dtype = _compute_dtype(jnp.result_type(q, v))  # project and retract in >= float32
+      q32, v32 = q.astype(dtype), v.astype(dtype)
+      y = retract(q32, project_tangent(q32, v32), method)
+      return (y - q32).astype(v.dtype)
+
+    return jax.tree.map(one, params, updates), state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def stiefel_sgd(
+    learning_rate: optax.ScalarOrSchedule,
+    momentum: float | None = 0.9,
+    nesterov: bool = False,
+    method: str = "qr",
+    check_init: bool = True,
+) -> optax.GradientTransformation:
+  """Riemannian SGD (with heavy-ball / Nesterov momentum of projected gradients) on St.
+
+  Chain: project_gradients -> optax.trace(momentum, nesterov) -> scale_by_learning_rate ->
+  stiefel_retraction(method). `momentum=None` or 0 gives plain Riemannian gradient descent.
+  """
+  parts = [project_gradients()]
+  if momentum:
+    parts.append(optax.trace(decay=momentum, nesterov=nesterov))
+  parts += [optax.scale_by_learning_rate(learning_rate), stiefel_retraction(method, check_init)]
+  return optax.chain(*parts)
+
+
+def stiefel_adam(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    method: str = "qr",
+    check_init: bool = True,
+) -> optax.GradientTransformation:
+  """Adam statistics of projected gradients, then a retraction.
+
+  Chain: project_gradients -> optax.scale_by_adam(b1, b2, eps) -> scale_by_learning_rate ->
+  stiefel_retraction(method). The elementwise Adam scaling leaves the tangent space; the
+  retraction re-projects the step at the current Q.
+  """
+  return optax.chain(
+      project_gradients(),
+      optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+      optax.scale_by_learning_rate(learning_rate),
+      stiefel_retraction(method, check_init),
+  )
+
+
+IsStiefel = Union[str, "re.Pattern[str]", Callable[[str, Any], bool]]
+
+
+def stiefel_labels(params, is_stiefel: IsStiefel):
+  """Pytree of "stiefel" / "rest" labels for `params`.
+
+  `is_stiefel` is a regex searched in each leaf's "/"-joined key path (e.g.
+  "params/repsim_q_pre_logits"), or a callable (path_str, leaf) -> bool.
+  """
+  if isinstance(is_stiefel, (str, re.Pattern)):
+    pattern = re.compile(is_stiefel)
+    pred = lambda path, leaf: pattern.search(path) is not None
+  elif callable(is_stiefel):
+    pred = is_stiefel
+  else:
+    raise ValueError(
+        f"is_stiefel: expected a regex or a callable (path, leaf) -> bool, got {is_stiefel!r}"
+    )
+  return jax.tree_util.tree_map_with_path(
+      lambda path, leaf: _STIEFEL if pred(_path_str(path), leaf) else _REST, params
+  )
+
+
+def partition(
+    optimizer_for_rest: optax.GradientTransformation,
+    stiefel_optimizer: optax.GradientTransformation,
+    is_stiefel: IsStiefel,
+) -> optax.GradientTransformation:
+  """`optax.partition`: leaves selected by `is_stiefel` get `stiefel_optimizer`, others the rest.
+
+  Args:
+    optimizer_for_rest: any optax optimiser for the Euclidean leaves.
+    stiefel_optimizer: e.g. `stiefel_sgd(...)` / `stiefel_adam(...)`, or any chain ending in
+      `stiefel_retraction`.
+    is_stiefel: regex searched in the "/"-joined key path of each leaf (e.g. "repsim_q"), or a
+      callable (path_str, leaf) -> bool.
+
+  Returns:
+    An optax transformation; its `update` needs `params` (the Stiefel leaves use them).
+  """
+  if isinstance(is_stiefel, str):
+    try:
+      re.compile(is_stiefel)
+    except re.error as e:
+      raise ValueError(f"is_stiefel: invalid regex {is_stiefel!r}: {e}") from None
+  elif not (isinstance(is_stiefel, re.Pattern) or callable(is_stiefel)):
+    raise ValueError(
+        f"is_stiefel: expected a regex or a callable (path, leaf) -> bool, got {is_stiefel!r}"
+    )
+  return optax.partition(
+      {_STIEFEL: stiefel_optimizer, _REST: optimizer_for_rest},
+      lambda params: stiefel_labels(params, is_stiefel),
+  )
