@@ -41,4 +41,15 @@ def _analyze(config, workdir):
   return analysis.run(config, workdir)
 
 
-JOBS = {"train": _train, "default": _default, "analyze": _analyze}
+def _transferability(config, workdir):
+  from repsim_jax.transferability import job
+  return job.run(config, workdir)
+
+
+def _sweep(config, workdir):
+  from repsim_jax import sweep
+  return sweep.run(config, workdir)
+
+
+JOBS = {"train": _train, "default": _default, "analyze": _analyze,
+        "transferability": _transferability, "sweep": _sweep}
