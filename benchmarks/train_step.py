@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import time
 
 import jax
@@ -18,6 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from repsim_jax import config_lib, methods, models, parallel, train
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from repsim_jax.optim import optimizers
 
 
@@ -65,22 +69,12 @@ def time_jax(model_name, size, method_spec, batch, steps):
 def time_torch(model_name, size, batch, steps):
   try:
     import torch
-    import torchvision
   except ImportError:
     return None
-  if model_name == "resnet18":
-    net = torchvision.models.resnet18(num_classes=10)
-  elif model_name == "resnet50":
-    net = torchvision.models.resnet50(num_classes=10)
-  elif model_name.startswith("vit"):
-    try:
-      import timm
-    except ImportError:
-      return None
-    net = timm.create_model({"vit_s16": "vit_small_patch16_224", "vit_ti16": "vit_tiny_patch16_224",
-                             "vit_b16": "vit_base_patch16_224"}[model_name], num_classes=10,
-                            img_size=size)
-  else:
+  import torch_reference
+  try:
+    net = torch_reference.make(model_name, size)
+  except ValueError:
     return None
   opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
   x = torch.randn(batch, 3, size, size)

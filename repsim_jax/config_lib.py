@@ -51,6 +51,15 @@ def _coerce(key: str, value: str, default: Any):
   return value
 
 
+def load_config(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """`get_config(arg)` of a config file, as `--config=path:arg` would load it (tests, notebooks)."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("_repsim_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
 def check_choice(config: ml_collections.ConfigDict, key: str, choices) -> None:
   """One-line error when `config.<key>` (dotted) is not one of `choices`."""
   value = config

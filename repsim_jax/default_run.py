@@ -63,13 +63,13 @@ def run(config, workdir: str) -> dict:
 def table(rows: dict) -> str:
   cols = [k for k in REPORT_KEYS if any(k in r["test"] for r in rows.values())]
   extra = list(dict.fromkeys(k for r in rows.values() for k in r.get("extra", {})))
-  w = max(len(c) for c in cols + extra) + 2
-  head = f"{'method':<22}" + "".join(f"{c:>{w}}" for c in cols + extra)
+  widths = [max(len(c), 6) + 2 for c in cols + extra]
+  head = f"{'method':<16}" + "".join(f"{c:>{w}}" for c, w in zip(cols + extra, widths))
   lines = [head, "-" * len(head)]
   for name, r in rows.items():
     vals = [r["test"].get(c, float("nan")) for c in cols] + [r["extra"].get(c, float("nan"))
                                                              for c in extra]
-    lines.append(f"{name:<22}" + "".join(f"{v:>{w}.4f}" for v in vals))
+    lines.append(f"{name:<16}" + "".join(f"{v:>{w}.4f}" for v, w in zip(vals, widths)))
   return "\n".join(lines)
 
 
