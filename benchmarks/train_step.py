@@ -1,7 +1,10 @@
 """Images/s and compile time of the jitted train step; PyTorch eager ratio where torch exists.
 
   python benchmarks/train_step.py [--steps 10] [--models resnet18@64,resnet18@224,vit_s16@224]
-      [--methods full_ft,repsim:learned,repsim:procrustes,repsim:covariance]
+      [--methods full_ft,repsim:learned,repsim:procrustes,repsim:covariance,full_ft+sim]
+
+A method spec `NAME[:q_mode][+sim]`; `+sim` turns on in-step similarity logging (linear CKA of
+every representation to the pretrained model) on every step, to measure its overhead.
 
 Prints one JSON line per (model, size, method). The step is the trainer's own per-device step
 (`train.make_train_step`) compiled for the single host CPU device, batch 32, SGD momentum.
@@ -16,7 +19,7 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
+
 import numpy as np
 
 from repsim_jax import config_lib, methods, models, parallel, train
@@ -26,6 +29,7 @@ from repsim_jax.optim import optimizers
 
 
 def build(model_name: str, size: int, method_spec: str, batch: int):
+  method_spec, sim = method_spec.removesuffix("+sim"), method_spec.endswith("+sim")
   name, _, mode = method_spec.partition(":")
   mcfg = config_lib.method_config(name, **({"q_mode": mode} if mode else {}))
   model = models.get_model(model_name, 10, bn_axis_name=parallel.AXIS,
@@ -43,10 +47,11 @@ def build(model_name: str, size: int, method_spec: str, batch: int):
   state = train.TrainState(
       step=np.asarray(0, np.int32), params=params, batch_stats=variables["batch_stats"],
       opt_state=tx.init(params),
-      ref_variables=variables if (method.needs_reference or method.reference_forward) else {},
+      ref_variables=variables if (method.needs_reference or method.reference_forward or sim)
+      else {},
       nonfinite_step=np.asarray(-1, np.int32))
   dp = parallel.DataParallel("shard_map", 1)
-  step = dp.compile(train.make_train_step(model, method, tx, "multiclass"))
+  step = dp.compile(train.make_train_step(model, method, tx, "multiclass", 1 if sim else 0))
   return dp, step, dp.put_replicated(state), dp.put_batch({"image": x, "label": y})
 
 

@@ -23,9 +23,9 @@ def _train(config, workdir):
   from repsim_jax import train
   results = train.train_and_evaluate(config, workdir)
   if jax.process_index() == 0:
-    test = results["final"].get("test", {})
-    print(f"done: {workdir}/results.json  test " +
-          "  ".join(f"{k}={v:.4f}" for k, v in test.items() if k in ("accuracy", "auc", "f1")))
+    summary = "  ".join(f"{split} {k}={v:.4f}" for split, m in results["final"].items()
+                        for k, v in m.items() if k in ("accuracy", "auc"))
+    print(f"done: {workdir}/results.json  {summary}")
   return results
 
 

@@ -4,7 +4,6 @@
 checkpoints) end the run with one line naming what was wrong, and a non-zero exit status.
 """
 
-import os
 import sys
 
 from absl import app, flags, logging

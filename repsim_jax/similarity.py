@@ -28,7 +28,7 @@ import collections
 import functools
 import os
 import tempfile
-from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp

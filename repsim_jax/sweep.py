@@ -178,8 +178,7 @@ def run(config, workdir: str) -> dict:
           print(f"[sweep] {name}: training ({cfg.model.name} from "
                 f"{cfg.model.init or 'random init'}, eval every {cfg.train.eval_every})",
                 flush=True)
-          res = train.train_and_evaluate(cfg, run_dir)
-          del res  # drops the device state; the run's record is its results.json
+          train.train_and_evaluate(cfg, run_dir)  # the run's record is its results.json
         if not main:
           continue
         with open(done) as f:

@@ -221,7 +221,6 @@ def evaluate(dp, p_eval, state, eval_iter_fn, split, info, max_batches: int = 0)
   for i, batch in enumerate(eval_iter_fn(split)):
     if max_batches and i >= max_batches:
       break
-    mask = np.asarray(batch["mask"]) > 0
     _, out = p_eval(state, dp.put_batch({"image": batch["image"]}), state.step)
     out = dp.get_sharded(out)
     # Gather this process's labels/mask with the others' so every host has the whole split.
@@ -229,7 +228,6 @@ def evaluate(dp, p_eval, state, eval_iter_fn, split, info, max_batches: int = 0)
     keep = lab["m"] > 0
     logits.append(out[keep])
     labels.append(lab["l"][keep])
-    del mask
   logits = np.concatenate(logits)
   labels = np.concatenate(labels)
   out = metrics_lib.classification_metrics(logits, labels, info.task)

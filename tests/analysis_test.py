@@ -52,7 +52,7 @@ def test_periodic_sharpness_matches_an_offline_report(pretrained):
   tmp, pre = pretrained
   cfg = tiny_config(tmp, **{"model.init": pre, "train.num_steps": 4, "train.eval_splits": ("val",),
                             "analysis.sharpness_every": 2, "analysis.probe_batches": 1,
-                            "analysis.sharpness.measures": ("sam", "hessian_eig"),
+                            "analysis.sharpness.measures": "sam,hessian_eig",
                             "analysis.sharpness.eig_iters": 5})
   wd = str(tmp / "sharp")
   res = train.train_and_evaluate(cfg, wd)
@@ -81,7 +81,7 @@ def test_analyze_job_against_itself_and_the_pretrained_model(pretrained, tmp_pat
                                                "optim.lr": 0.2, "train.eval_splits": ()}), ft)
   cfg = config_lib.load_config("configs/analyze.py", f"run={ft},reference={ft},max_examples=64,batch=32")
   cfg.probe_batches = 1
-  cfg.sharpness.measures = ("sam",)
+  cfg.sharpness.measures = "sam"
   out = str(tmp_path / "self")
   report = analysis.run(cfg, out)
   for m in ("linear_cka", "linear_cka_debiased", "rbf_cka", "svcca", "rsa", "mutual_knn"):
@@ -95,7 +95,7 @@ def test_analyze_job_against_itself_and_the_pretrained_model(pretrained, tmp_pat
 
   cfg = config_lib.load_config("configs/analyze.py", f"run={ft},baseline={pre},max_examples=64,batch=32")
   cfg.probe_batches = 1
-  cfg.sharpness.measures = ("sam",)
+  cfg.sharpness.measures = "sam"
   report = analysis.run(cfg, str(tmp_path / "vs_pre"))
   assert report["reference"] == pre  # default: the weights the run started from
   assert report["similarity"]["linear_cka"]["pre_logits"] < 0.999

@@ -11,6 +11,8 @@ import jax
 import numpy as np
 import pytest
 
+import ml_collections
+
 from repsim_jax import checkpoint, config_lib, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -140,14 +142,13 @@ def test_checkpoint_from_other_model_is_a_clear_error(tmp_path):
   cfg = tiny_config(tmp_path, **{"train.num_steps": 2, "train.eval_splits": ()})
   wd = str(tmp_path / "a")
   train.train_and_evaluate(cfg, wd)
-  other = tiny_config(tmp_path, **{"model.name": "resnet_small", "model.init": wd,
-                                   "train.num_steps": 2})
+  narrower = {"model.kwargs": ml_collections.ConfigDict({"widths": (8, 16)})}
+  other = tiny_config(tmp_path, **narrower, **{"model.init": wd, "train.num_steps": 2})
   with pytest.raises(ValueError, match="holds a different model"):
     train.train_and_evaluate(other, str(tmp_path / "b"))
   # Resuming a run dir with a different model is refused as well, not silently overwritten.
   with pytest.raises(ValueError, match="holds a different model"):
-    train.train_and_evaluate(tiny_config(tmp_path, **{"model.name": "resnet_small",
-                                                      "train.num_steps": 4}), wd)
+    train.train_and_evaluate(tiny_config(tmp_path, **narrower, **{"train.num_steps": 4}), wd)
 
 
 def _free_port():

@@ -10,7 +10,6 @@ import pytest
 import scipy.stats
 
 from repsim_jax import transferability as T
-from repsim_jax.transferability import lp_fu as lpfu
 
 
 def _blobs(n=300, d=12, c=3, sep=1.0, seed=0):
