@@ -107,10 +107,8 @@ def plot_cka(df: pd.DataFrame, path: str) -> None:
   ax.set_ylim(0, 1.02)
   ax.legend(fontsize=8)
   fig.tight_layout()
-  tmp = path + ".tmp.png"
-  fig.savefig(tmp, dpi=110)
+  config_lib.atomic_savefig(fig, path)
   plt.close(fig)
-  os.replace(tmp, path)
 
 
 def main(argv=None):

@@ -87,6 +87,14 @@ def atomic_write_text(path: str, text: str) -> None:
   os.replace(tmp, path)
 
 
+def atomic_savefig(fig, path: str, dpi: int = 110) -> None:
+  """Saves a matplotlib figure via a temporary file and a rename (format from the suffix)."""
+  root, ext = os.path.splitext(path)
+  tmp = f"{root}.tmp.{os.getpid()}{ext}"
+  fig.savefig(tmp, dpi=dpi)
+  os.replace(tmp, path)
+
+
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Writes the resolved config (what actually ran) as JSON to `workdir/config.json`."""
   atomic_write_text(os.path.join(workdir, "config.json"),

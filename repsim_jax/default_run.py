@@ -92,7 +92,5 @@ def plot(rows: dict, path: str) -> None:
   ax.set_title("synthetic target, test split: metrics and linear CKA to the pretrained model")
   ax.legend(fontsize=8)
   fig.tight_layout()
-  tmp = path + ".tmp.png"
-  fig.savefig(tmp, dpi=110)
+  config_lib.atomic_savefig(fig, path)
   plt.close(fig)
-  os.replace(tmp, path)
