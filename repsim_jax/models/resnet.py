@@ -15,6 +15,8 @@ from typing import Any, Callable, ClassVar, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from repsim_jax.models import conv as small_map_conv
+
 ModuleDef = Callable[..., nn.Module]
 
 # torchvision initialises convs with kaiming_normal_(mode="fan_out", nonlinearity="relu").
@@ -122,7 +124,8 @@ class ResNet(nn.Module):
 
     conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
                              param_dtype=jnp.float32, kernel_init=_conv_init,
-                             precision=self.precision)
+                             precision=self.precision,
+                             conv_general_dilated=small_map_conv.conv_general_dilated)
     # momentum 0.9 / eps 1e-5 = torchvision's BatchNorm2d(momentum=0.1, eps=1e-5).
     norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
                              epsilon=1e-5, dtype=self.dtype, param_dtype=jnp.float32,

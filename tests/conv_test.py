@@ -1,0 +1,31 @@
+"""The small-feature-map convolution equals lax.conv_general_dilated (values and gradients)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from repsim_jax.models import conv
+
+DN = ("NHWC", "HWIO", "NHWC")
+
+
+@pytest.mark.parametrize("shape,kernel,stride,pad", [
+    ((4, 2, 2, 16), (3, 3, 16, 8), (1, 1), ((1, 1), (1, 1))),   # layer4 of ResNet @ 64 px
+    ((4, 4, 4, 8), (3, 3, 8, 8), (2, 2), ((1, 1), (1, 1))),     # stride 2 into 2x2
+    ((4, 4, 4, 8), (1, 1, 8, 16), (2, 2), ((0, 0), (0, 0))),    # 1x1 downsample
+    ((2, 3, 5, 4), (3, 3, 4, 6), (1, 2), ((1, 0), (2, 1))),     # uneven everything
+    ((2, 8, 8, 4), (3, 3, 4, 4), (1, 1), ((1, 1), (1, 1))),     # large map: plain lax path
+])
+def test_matches_lax_conv_and_its_gradients(shape, kernel, stride, pad):
+  x = jax.random.normal(jax.random.PRNGKey(0), shape)
+  w = jax.random.normal(jax.random.PRNGKey(1), kernel)
+  ref = lambda x, w: lax.conv_general_dilated(x, w, stride, pad, dimension_numbers=DN,
+                                              precision=lax.Precision.HIGHEST)
+  ours = lambda x, w: conv.conv_general_dilated(x, w, stride, pad, dimension_numbers=DN,
+                                                precision=lax.Precision.HIGHEST)
+  np.testing.assert_allclose(ours(x, w), ref(x, w), rtol=1e-5, atol=1e-5)
+  loss = lambda f: (lambda x, w: jnp.sum(jnp.sin(f(x, w))))
+  for a, b in zip(jax.grad(loss(ours), (0, 1))(x, w), jax.grad(loss(ref), (0, 1))(x, w)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
