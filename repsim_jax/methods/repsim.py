@@ -92,9 +92,10 @@ class RepSim(Method):
       f = normalize(gather(pool(reps[layer])))
       if mode == "covariance":
         q = params["method"][Q_KEY][layer]
-        c_f = f.T @ f
         c_p = params["method"][COV_KEY][layer]
-        term = jnp.sum((q.T @ c_f @ q - c_p) ** 2)
+        # Qᵀ C_F Q with C_F = FᵀF, formed as (FQ)ᵀ(FQ): O(n·d²) instead of two d³ products.
+        fq = f @ q
+        term = jnp.sum((fq.T @ fq - c_p) ** 2)
       else:
         p = normalize(gather(pool(ref_reps[layer])))
         if mode == "learned":
