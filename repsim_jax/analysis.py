@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from repsim_jax import similarity
+from repsim_jax import parallel, similarity
 
 
 def make_feature_step(model, layers=None, pool: str = "mean"):
@@ -41,7 +41,7 @@ def extract_features(dp, step_fn, variables, batches, max_examples: int = 0) -> 
   for batch in batches:
     _, out = step_fn(var_dev, dp.put_batch({"image": batch["image"]}), rng)
     out = dp.get_sharded(out)
-    lab = dp.get_sharded(dp.put_batch({"l": batch["label"], "m": batch["mask"]}))
+    lab = parallel.gather_host({"l": batch["label"], "m": batch["mask"]})
     keep = lab["m"] > 0
     chunks.append({k: v[keep] for k, v in out.items()})
     labels.append(lab["l"][keep])

@@ -125,6 +125,17 @@ class DataParallel:
     return multihost_utils.process_allgather(local, tiled=True)
 
 
+def gather_host(tree):
+  """Host arrays of this process's slice of a global batch -> the whole global batch.
+
+  Process p holds the contiguous slice p, so a process-major concatenation is the global order;
+  with one process this is the identity (no device round trip for labels and masks).
+  """
+  if jax.process_count() == 1:
+    return jax.tree.map(np.asarray, tree)
+  return multihost_utils.process_allgather(tree, tiled=True)
+
+
 def pmean(tree, axis_name: str = AXIS):
   return jax.tree.map(lambda x: jax.lax.pmean(x, axis_name), tree)
 

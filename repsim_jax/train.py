@@ -224,7 +224,7 @@ def evaluate(dp, p_eval, state, eval_iter_fn, split, info, max_batches: int = 0)
     _, out = p_eval(state, dp.put_batch({"image": batch["image"]}), state.step)
     out = dp.get_sharded(out)
     # Gather this process's labels/mask with the others' so every host has the whole split.
-    lab = dp.get_sharded(dp.put_batch({"l": batch["label"], "m": batch["mask"]}))
+    lab = parallel.gather_host({"l": batch["label"], "m": batch["mask"]})
     keep = lab["m"] > 0
     logits.append(out[keep])
     labels.append(lab["l"][keep])
