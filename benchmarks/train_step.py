@@ -7,7 +7,11 @@ A method spec `NAME[:q_mode][+sim]`; `+sim` turns on in-step similarity logging 
 every representation to the pretrained model) on every step, to measure its overhead.
 
 Prints one JSON line per (model, size, method). The step is the trainer's own per-device step
-(`train.make_train_step`) compiled for the single host CPU device, batch 32, SGD momentum.
+(`train.make_train_step`) compiled for one device of the default backend, batch 32, SGD momentum.
+All runners are compiled first, then timed in alternating rounds (--rounds) and reported as
+medians, so ratios between them are not skewed by load that comes and goes. Where torch is
+installed, the same model and batch in eager PyTorch runs on the same kind of device (CUDA when JAX
+runs on a GPU, with TF32 allowed as JAX allows it by default there).
 """
 
 from __future__ import annotations
@@ -55,23 +59,23 @@ def build(model_name: str, size: int, method_spec: str, batch: int):
   return dp, step, dp.put_replicated(state), dp.put_batch({"image": x, "label": y})
 
 
-def time_jax(model_name, size, method_spec, batch, steps):
+def jax_runner(model_name, size, method_spec, batch):
+  """Compiles the step; returns (compile seconds, a function that runs one step to completion)."""
   dp, step, state, b = build(model_name, size, method_spec, batch)
   rng = dp.put_replicated(np.zeros((2,), np.uint32))
-  t0 = time.perf_counter()
-  state, m = step(state, b, rng)
-  jax.block_until_ready(m)
-  compile_s = time.perf_counter() - t0
-  times = []
-  for _ in range(steps):
-    t0 = time.perf_counter()
-    state, m = step(state, b, rng)
+  holder = [state]
+
+  def run():
+    holder[0], m = step(holder[0], b, rng)
     jax.block_until_ready(m)
-    times.append(time.perf_counter() - t0)
-  return compile_s, float(np.median(times))
+
+  t0 = time.perf_counter()
+  run()
+  return time.perf_counter() - t0, run
 
 
-def time_torch(model_name, size, batch, steps):
+def torch_runner(model_name, size, batch):
+  """One eager PyTorch training step of the same model and batch, on the GPU when JAX has one."""
   try:
     import torch
   except ImportError:
@@ -81,47 +85,80 @@ def time_torch(model_name, size, batch, steps):
     net = torch_reference.make(model_name, size)
   except ValueError:
     return None
+  device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+  if device == "cuda":
+    # JAX's default float32 precision on NVIDIA GPUs lets convs and matmuls use TF32; match it.
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+  net = net.to(device).train()
   opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-  x = torch.randn(batch, 3, size, size)
-  y = torch.randint(0, 10, (batch,))
-  net.train()
-  times = []
-  for i in range(steps + 1):
-    t0 = time.perf_counter()
+  x = torch.randn(batch, 3, size, size, device=device)
+  y = torch.randint(0, 10, (batch,), device=device)
+
+  def run():
     opt.zero_grad()
     loss = torch.nn.functional.cross_entropy(net(x), y)
     loss.backward()
     opt.step()
-    if i:
-      times.append(time.perf_counter() - t0)
-  return float(np.median(times))
+    if device == "cuda":
+      torch.cuda.synchronize()
+
+  for _ in range(3):  # warm-up (cuDNN autotuning on the GPU)
+    run()
+  return run, device
+
+
+def time_interleaved(runners: dict, steps: int, rounds: int) -> dict:
+  """Median seconds per step of each runner, timed in alternating rounds so that load from other
+  processes on a shared machine falls on every runner alike."""
+  times = {k: [] for k in runners}
+  per_round = max(1, -(-steps // rounds))
+  for _ in range(rounds):
+    for k, run in runners.items():
+      for _ in range(per_round):
+        t0 = time.perf_counter()
+        run()
+        times[k].append(time.perf_counter() - t0)
+  return {k: float(np.median(v)) for k, v in times.items()}
 
 
 def main():
   ap = argparse.ArgumentParser()
-  ap.add_argument("--steps", type=int, default=10)
+  ap.add_argument("--steps", type=int, default=10, help="timed steps per runner")
+  ap.add_argument("--rounds", type=int, default=5, help="alternating rounds they are split into")
   ap.add_argument("--batch", type=int, default=32)
   ap.add_argument("--models", default="resnet18@64,resnet18@224,vit_s16@224")
   ap.add_argument("--methods", default="full_ft")
+  ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
   args = ap.parse_args()
   for spec in args.models.split(","):
     model_name, size = spec.split("@")
     size = int(size)
-    base = None
-    for method_spec in args.methods.split(","):
-      compile_s, step_s = time_jax(model_name, size, method_spec, args.batch, args.steps)
+    method_specs = args.methods.split(",")
+    runners, compile_s = {}, {}
+    for method_spec in method_specs:
+      compile_s[method_spec], runners[method_spec] = jax_runner(model_name, size, method_spec,
+                                                                args.batch)
+    torch_device = None
+    if not args.no_torch:
+      made = torch_runner(model_name, size, args.batch)
+      if made is not None:
+        runners["torch"], torch_device = made
+    step_s = time_interleaved(runners, args.steps, args.rounds)
+    base = step_s[method_specs[0]]
+    for method_spec in method_specs:
+      s = step_s[method_spec]
       row = {"model": model_name, "size": size, "method": method_spec, "batch": args.batch,
-             "compile_s": round(compile_s, 2), "step_s": round(step_s, 4),
-             "images_per_s": round(args.batch / step_s, 1), "devices": jax.device_count(),
-             "backend": jax.default_backend()}
-      if base is None:
-        base = step_s
-        torch_s = time_torch(model_name, size, args.batch, args.steps)
-        if torch_s is not None:
-          row["torch_step_s"] = round(torch_s, 4)
-          row["ratio_ours_over_torch"] = round(step_s / torch_s, 3)
-      else:
-        row["ratio_over_first_method"] = round(step_s / base, 3)
+             "compile_s": round(compile_s[method_spec], 2), "step_s": round(s, 4),
+             "images_per_s": round(args.batch / s, 1), "devices": jax.device_count(),
+             "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind}
+      if method_spec == method_specs[0] and "torch" in step_s:
+        row["torch_device"] = torch_device
+        row["torch_step_s"] = round(step_s["torch"], 4)
+        row["ratio_ours_over_torch"] = round(s / step_s["torch"], 3)
+      if method_spec != method_specs[0]:
+        row["ratio_over_first_method"] = round(s / base, 3)
       print(json.dumps(row), flush=True)
 
 

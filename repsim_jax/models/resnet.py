@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from repsim_jax.models import conv as small_map_conv
+from repsim_jax.models import pooling
 
 ModuleDef = Callable[..., nn.Module]
 
@@ -136,8 +137,9 @@ class ResNet(nn.Module):
     if self.stem == "imagenet":
       x = conv(self.width, (7, 7), (2, 2), padding=_pad(7), name="conv1")(x)
       x = nn.relu(norm(name="bn1")(x))
-      # flax pads max_pool with -inf, like torch's MaxPool2d(3, 2, padding=1).
-      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+      # = nn.max_pool (-inf padding, like torch's MaxPool2d(3, 2, padding=1)) without its
+      # costly reduce-window gradient; see models/pooling.py.
+      x = pooling.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
     else:
       x = conv(self.width, (3, 3), padding=_pad(3), name="conv1")(x)
       x = nn.relu(norm(name="bn1")(x))
