@@ -189,8 +189,9 @@ def test_repsim_trains_data_parallel_like_one_device(tmp_path, mode):
                                    "train.checkpoint_every": 0})
     res = train.train_and_evaluate(cfg, str(tmp_path / f"{mode}{n}"))
     finals.append(res["dp"].get_replicated(res["state"]))
-  # float32 sums over 8 shards vs 1 differ in order and λ = 5 amplifies that a little; a
-  # regulariser on per-device statistics would differ at O(1e-1).
-  assert max_rel_err(finals[1].params, finals[0].params) <= 1e-4
+  # float32 sums over 8 shards vs 1 differ in order and λ = 5 amplifies that a little (2e-4 with
+  # the XNNPACK/YNNPACK kernels of an AVX-512 CPU); a regulariser on per-device statistics would
+  # differ at O(1e-1).
+  assert max_rel_err(finals[1].params, finals[0].params) <= 5e-4
   q = finals[1].params["method"][repsim.Q_KEY]["pre_logits"]
   assert float(stiefel.orthogonality_error(jnp.asarray(q))) < 1e-5
