@@ -61,7 +61,8 @@ def test_procrustes_term_with_fewer_examples_than_features(d_f, d_p):
 
   def full(f):
     q = jax.lax.stop_gradient(repsim.procrustes_q(f, p))
-    return jnp.sum((f @ q - p) ** 2)
+    with jax.default_matmul_precision("highest"):  # no TF32 in the reference on GPUs
+      return jnp.sum((f @ q - p) ** 2)
 
   np.testing.assert_allclose(repsim.procrustes_term(f, p), full(f), rtol=1e-5)
   np.testing.assert_allclose(jax.grad(lambda f: repsim.procrustes_term(f, p))(f),

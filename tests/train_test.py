@@ -72,13 +72,20 @@ def test_loop_learns_and_writes_outputs(tmp_path):
   assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["50", "60"]  # keep 2
 
 
+# The parallel-equality tests train at a learning rate where 20 steps are stable: at lr 0.05 this
+# tiny run's loss jumps around and amplifies float32 summation-order differences (1 vs 8 shards:
+# 8e-7 after 3 steps) to 2e-3 by step 20 on some CPUs, which measures chaos, not parallelism.
+STABLE_LR = 0.02
+
+
 @pytest.mark.parametrize("backend", ["shard_map", "pmap"])
 def test_one_device_equals_eight_devices(tmp_path, backend):
   assert jax.device_count() == 8, "tests/conftest.py sets 8 simulated devices"
   finals = []
   for n in (1, 8):
     cfg = tiny_config(tmp_path, **{"parallel.num_devices": n, "parallel.backend": backend,
-                                   "train.checkpoint_every": 0, "train.eval_splits": ()})
+                                   "train.checkpoint_every": 0, "train.eval_splits": (),
+                                   "optim.lr": STABLE_LR})
     res = train.train_and_evaluate(cfg, str(tmp_path / f"{backend}_{n}"))
     finals.append(res["dp"].get_replicated(res["state"]))
   assert int(finals[1].step) == 20
@@ -162,11 +169,11 @@ def test_two_processes_of_four_devices_equal_one_process(tmp_path):
   """Multi-host data parallelism (jax.distributed, gloo on CPU) gives the single-host result."""
   data_dir = tmp_path / "data"
   cfg = tiny_config(tmp_path, **{"parallel.num_devices": -1, "train.checkpoint_every": 10,
-                                 "train.eval_splits": ("test",)})
+                                 "train.eval_splits": ("test",), "optim.lr": STABLE_LR})
   single = train.train_and_evaluate(cfg, str(tmp_path / "single"))
   port = _free_port()
   args = ["--config=configs/finetune.py:model=small_cnn,source=synthetic,dataset=medical_gray,"
-          "size=16,steps=20,batch=32,lr=0.05",
+          f"size=16,steps=20,batch=32,lr={STABLE_LR}",
           f"--config.data.data_dir={data_dir}", "--config.data.train_size=256",
           "--config.data.val_size=64", "--config.data.test_size=64", "--config.data.difficulty=0.2",
           "--config.data.num_classes=3", "--config.optim.warmup_steps=2",
