@@ -3,7 +3,8 @@
 Compares the Riemannian optimisers of `repsim_jax.optim.stiefel` (SGD with momentum for every
 retraction, Adam + QR) with a plain `optax.adam` update of a same-size Euclidean leaf. Each step is
 one jitted call (update + apply_updates), timed after compilation; figures are the median of
---repeats calls. Also prints ‖QᵀQ − I‖_F after the timed steps.
+--repeats calls, with host BLAS single-threaded as in the trainer. Also prints ‖QᵀQ − I‖_F after
+the timed steps.
 
   python benchmarks/stiefel.py                      # 2048 × 2048, float32, default backend
   python benchmarks/stiefel.py --d-ft 2048 --d-pre 512 --repeats 20
@@ -19,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from repsim_jax import parallel
 from repsim_jax.optim import stiefel as st
 
 
@@ -40,6 +42,7 @@ def _time_optimizer(tx, q0, grads, repeats):
   return statistics.median(times), min(times), compile_s, float(st.orthogonality_error(q))
 
 
+@parallel.single_threaded_blas()  # as in the trainer
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--d-ft", type=int, default=2048)

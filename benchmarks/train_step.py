@@ -3,15 +3,17 @@
   python benchmarks/train_step.py [--steps 10] [--models resnet18@64,resnet18@224,vit_s16@224]
       [--methods full_ft,repsim:learned,repsim:procrustes,repsim:covariance,full_ft+sim]
 
-A method spec `NAME[:q_mode][+sim]`; `+sim` turns on in-step similarity logging (linear CKA of
-every representation to the pretrained model) on every step, to measure its overhead.
+A method spec `NAME[:q_mode][+sim]`. Steps are timed as a run's unlogged steps are; `+sim` logs
+every step, with in-step similarity (linear CKA of every representation to the pretrained model)
+and the method's diagnostics, to measure what a logged step costs.
 
 Prints one JSON line per (model, size, method). The step is the trainer's own per-device step
 (`train.make_train_step`) compiled for one device of the default backend, batch 32, SGD momentum.
 All runners are compiled first, then timed in alternating rounds (--rounds) and reported as
 medians, so ratios between them are not skewed by load that comes and goes. Where torch is
 installed, the same model and batch in eager PyTorch runs on the same kind of device (CUDA when JAX
-runs on a GPU, with TF32 allowed as JAX allows it by default there).
+runs on a GPU, with TF32 allowed as JAX allows it by default there). Host BLAS is single-threaded,
+as in the trainer (`parallel.single_threaded_blas`).
 """
 
 from __future__ import annotations
@@ -55,7 +57,10 @@ def build(model_name: str, size: int, method_spec: str, batch: int):
       else {},
       nonfinite_step=np.asarray(-1, np.int32))
   dp = parallel.DataParallel("shard_map", 1)
-  step = dp.compile(train.make_train_step(model, method, tx, "multiclass", 1 if sim else 0))
+  # Without +sim the step runs as on the steps a run does not log (diagnostics skipped).
+  log_every = 1 if sim else config_lib.train_config().train.log_every
+  step = dp.compile(train.make_train_step(model, method, tx, "multiclass", log_every,
+                                          in_step_similarity=sim))
   return dp, step, dp.put_replicated(state), dp.put_batch({"image": x, "label": y})
 
 
@@ -123,6 +128,7 @@ def time_interleaved(runners: dict, steps: int, rounds: int) -> dict:
   return {k: float(np.median(v)) for k, v in times.items()}
 
 
+@parallel.single_threaded_blas()
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--steps", type=int, default=10, help="timed steps per runner")

@@ -57,18 +57,23 @@ def _correct(logits, labels, task: str):
   return (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
 
 
-def make_train_step(model, method: methods_lib.Method, tx, task: str,
-                    similarity_every: int = 0):
+def make_train_step(model, method: methods_lib.Method, tx, task: str, log_every: int = 1,
+                    num_steps: int = 0, in_step_similarity: bool = False):
   """Per-device `train_step(state, batch, rng) -> (state, metrics)`.
 
   The local objective is the local mean task loss plus the method's term (computed from
   global-batch statistics); gradients are `pmean`-ed over AXIS, which gives exactly the gradient
   of the global-batch objective, also through synchronised BatchNorm and all-gathered features.
 
-  `similarity_every > 0` adds `cka/<layer>`: linear CKA of every representation to the frozen
-  pretrained model on the global batch, vmapped over layers of equal shape, on the steps that
-  are logged (a `lax.cond` skips the work, including the pretrained forward pass, otherwise).
+  On the steps the host logs (every `log_every`-th and step `num_steps`) the metrics also hold
+  the method's diagnostics and, with `in_step_similarity`, `cka/<layer>`: linear CKA of every
+  representation to the frozen pretrained model on the global batch, vmapped over layers of
+  equal shape. A `lax.cond` skips that work (including a pretrained forward pass the method does
+  not need) on the other steps, whose values are NaN and never read.
   """
+
+  def logged(step):
+    return (step % log_every == 0) | (step == num_steps)
 
   def train_step(state: TrainState, batch, rng):
     del rng  # No stochastic layers; methods that need noise derive it from (rng, step).
@@ -113,8 +118,15 @@ def make_train_step(model, method: methods_lib.Method, tx, task: str,
                "accuracy": jax.lax.pmean(jnp.mean(_correct(logits, labels, task)), AXIS),
                "grad_norm": optax.tree.norm(grads)}
     metrics.update(parallel.pmean(reg_metrics))
-    if similarity_every:
-      metrics.update(_in_step_similarity(model, state, images, reps, ref_reps, similarity_every))
+
+    def diagnostics():
+      reps_ = jax.lax.stop_gradient(reps)
+      out = parallel.pmean(method.diagnostics(state.params, reps_, ref_reps))
+      if in_step_similarity:
+        out.update(_layerwise_cka(model, state, images, reps_, ref_reps))
+      return out
+
+    metrics.update(_only_if(logged(state.step + 1), diagnostics))
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
                               opt_state=opt_state, nonfinite_step=nonfinite)
     return new_state, metrics
@@ -122,23 +134,23 @@ def make_train_step(model, method: methods_lib.Method, tx, task: str,
   return train_step
 
 
-def _in_step_similarity(model, state, images, reps, ref_reps, every: int):
-  reps = jax.lax.stop_gradient(reps)
+def _only_if(pred, fn):
+  """`fn()` where `pred`, NaNs of the same structure elsewhere, computing nothing there."""
+  shapes = jax.eval_shape(fn)
+  if not shapes:
+    return {}
+  nans = lambda: jax.tree.map(lambda s: jnp.full(s.shape, jnp.nan, s.dtype), shapes)  # noqa: E731
+  return jax.lax.cond(pred, fn, nans)
 
-  def compute(_):
-    ref = ref_reps
-    if ref is None:
-      ref = model.apply(state.ref_variables, images, train=False)[1]
-    gather = lambda r: jax.lax.all_gather(  # noqa: E731
-        similarity.pool_features(r.astype(jnp.float32)), AXIS, tiled=True)
-    a = {k: gather(v) for k, v in reps.items()}
-    b = {k: gather(ref[k]) for k in reps}
-    return {f"cka/{k}": v for k, v in similarity.layerwise_similarity(a, b).items()}
 
-  def skip(_):
-    return {f"cka/{k}": jnp.full((), jnp.nan, jnp.float32) for k in reps}
-
-  return jax.lax.cond((state.step + 1) % every == 0, compute, skip, None)
+def _layerwise_cka(model, state, images, reps, ref_reps):
+  if ref_reps is None:
+    ref_reps = model.apply(state.ref_variables, images, train=False)[1]
+  gather = lambda r: jax.lax.all_gather(  # noqa: E731
+      similarity.pool_features(r.astype(jnp.float32)), AXIS, tiled=True)
+  a = {k: gather(v) for k, v in reps.items()}
+  b = {k: gather(ref_reps[k]) for k in reps}
+  return {f"cka/{k}": v for k, v in similarity.layerwise_similarity(a, b).items()}
 
 
 def eval_loss(model, task, batch_stats, params, batch):
@@ -238,6 +250,7 @@ def evaluate(dp, p_eval, state, eval_iter_fn, split, info, max_batches: int = 0)
   return out
 
 
+@parallel.single_threaded_blas()
 def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains per `cfg`, writes metrics/checkpoints/results to `workdir`, returns the results."""
   validate(cfg)
@@ -294,8 +307,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     print(f"resumed from {ckpt.directory} at step {start}", flush=True)
 
   writer = metric_writers.MetricWriter(workdir, tensorboard=cfg.train.tensorboard)
-  sim_every = cfg.train.log_every if cfg.analysis.in_step_similarity else 0
-  p_train = dp.compile(make_train_step(model, method, tx, info.task, sim_every))
+  p_train = dp.compile(make_train_step(model, method, tx, info.task, cfg.train.log_every,
+                                       num_steps, cfg.analysis.in_step_similarity))
   p_eval = dp.compile(make_eval_step(model), donate_state=False, sharded_out=True)
   state = dp.put_replicated(state)
   rng_dev = dp.put_replicated(np.asarray(step_rng))

@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from repsim_jax import config_lib, methods, parallel, similarity, train
+from repsim_jax import config_lib, methods, metric_writers, parallel, similarity, train
 from repsim_jax.checkpoint import load_run_variables
 from repsim_jax.methods import repsim
 from repsim_jax.optim import stiefel
@@ -31,9 +31,12 @@ def repsim_term(mode, f, p, q=None):
   cfg = config_lib.method_config("repsim", q_mode=mode)
   m = methods.get_method(cfg)
   params = {"model": {}, "method": {} if q is None else {repsim.Q_KEY: {"pre_logits": q}}}
-  loss, metrics = on_axis(lambda f, p, params: m.loss(params, {"pre_logits": f},
-                                                      {"pre_logits": p}, {}, jnp.int32(0)),
-                          f, p, params)
+  def term_and_diagnostics(f, p, params):
+    reps, ref_reps = {"pre_logits": f}, {"pre_logits": p}
+    loss, metrics = m.loss(params, reps, ref_reps, {}, jnp.int32(0))
+    return loss, {**metrics, **m.diagnostics(params, reps, ref_reps)}
+
+  loss, metrics = on_axis(term_and_diagnostics, f, p, params)
   return float(loss[0]), jax.tree.map(lambda x: float(x[0]), metrics)
 
 
@@ -206,9 +209,17 @@ def test_repsim_trains_data_parallel_like_one_device(tmp_path, mode):
     cfg = tiny_config(tmp_path, **{"model.init": pre, "train.num_steps": 10, "train.eval_splits": (),
                                    "method.name": "repsim", "method.q_mode": mode,
                                    "method.lam": 5.0, "parallel.num_devices": n,
-                                   "train.checkpoint_every": 0})
-    res = train.train_and_evaluate(cfg, str(tmp_path / f"{mode}{n}"))
+                                   "train.checkpoint_every": 0, "train.log_every": 4})
+    wd = str(tmp_path / f"{mode}{n}")
+    res = train.train_and_evaluate(cfg, wd)
     finals.append(res["dp"].get_replicated(res["state"]))
+    # Diagnostics are computed on exactly the logged steps (every 4th and the last).
+    rows = [r for r in metric_writers.read_metrics(wd) if r["split"] == "train"]
+    assert [r["step"] for r in rows] == [4, 8, 10]
+    for r in rows:
+      assert 0 <= r["orth_err/pre_logits"] < 1e-5
+      if mode == "learned":
+        assert 0.5 < r["cka/pre_logits"] <= 1.0 + 1e-6
   # float32 sums over 8 shards vs 1 differ in order and λ = 5 amplifies that a little (2e-4 with
   # the XNNPACK/YNNPACK kernels of an AVX-512 CPU); a regulariser on per-device statistics would
   # differ at O(1e-1).

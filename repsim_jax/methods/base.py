@@ -28,6 +28,12 @@ class Method:
     del params, reps, ref_reps, ref_variables, step
     return jnp.zeros((), jnp.float32), {}
 
+  def diagnostics(self, params, reps, ref_reps) -> dict:
+    """Scalars that watch the method (not differentiated); the step computes them only on the
+    steps the host logs, so they may cost what a training step should not."""
+    del params, reps, ref_reps
+    return {}
+
   def optimizer(self, make_tx, params) -> optax.GradientTransformation:
     del params
     return make_tx()

@@ -123,12 +123,22 @@ class RepSim(Method):
           term = jnp.sum((f - p) ** 2)
         else:  # cka
           term = 1.0 - similarity.linear_cka(f, p)
-        metrics[f"cka/{layer}"] = jax.lax.stop_gradient(similarity.linear_cka(f, p))
-      if mode in ("learned", "covariance"):
-        metrics[f"orth_err/{layer}"] = stiefel.orthogonality_error(q)
       metrics[f"repsim/{layer}"] = jax.lax.stop_gradient(term)
       total = total + w * term
     return lam_at(self.cfg, step) * total, metrics
+
+  @_full_float32
+  def diagnostics(self, params, reps, ref_reps):
+    """Linear CKA of each regularised layer to the pretrained model (global batch) and ‖QᵀQ − I‖
+    of its Q (a d³ product the term does not need)."""
+    out = {}
+    for layer in self.weights:
+      if ref_reps is not None:
+        f, p = (gather(pool(r[layer])) for r in (reps, ref_reps))
+        out[f"cka/{layer}"] = similarity.linear_cka(f, p)
+      if Q_KEY in params["method"]:
+        out[f"orth_err/{layer}"] = stiefel.orthogonality_error(params["method"][Q_KEY][layer])
+    return out
 
 
 @_full_float32
