@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from repsim_jax import parallel
+from repsim_jax import host
 from repsim_jax.optim import stiefel as st
 
 
@@ -42,7 +42,7 @@ def _time_optimizer(tx, q0, grads, repeats):
   return statistics.median(times), min(times), compile_s, float(st.orthogonality_error(q))
 
 
-@parallel.single_threaded_blas()  # as in the trainer
+@host.single_threaded_blas()  # as in the trainer
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--d-ft", type=int, default=2048)

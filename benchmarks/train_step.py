@@ -13,7 +13,8 @@ All runners are compiled first, then timed in alternating rounds (--rounds) and 
 medians, so ratios between them are not skewed by load that comes and goes. Where torch is
 installed, the same model and batch in eager PyTorch runs on the same kind of device (CUDA when JAX
 runs on a GPU, with TF32 allowed as JAX allows it by default there). Host BLAS is single-threaded,
-as in the trainer (`parallel.single_threaded_blas`).
+as in the trainer (`host.single_threaded_blas`), and glibc malloc keeps freed step buffers, as
+in the command line (`host.retain_freed_memory`; it applies to PyTorch too).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import jax
 
 import numpy as np
 
-from repsim_jax import config_lib, methods, models, parallel, train
+from repsim_jax import config_lib, host, methods, models, parallel, train
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from repsim_jax.optim import optimizers
@@ -128,7 +129,7 @@ def time_interleaved(runners: dict, steps: int, rounds: int) -> dict:
   return {k: float(np.median(v)) for k, v in times.items()}
 
 
-@parallel.single_threaded_blas()
+@host.single_threaded_blas()
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--steps", type=int, default=10, help="timed steps per runner")
@@ -169,4 +170,5 @@ def main():
 
 
 if __name__ == "__main__":
+  host.retain_freed_memory()  # before JAX's CPU backend starts, as repsim_jax.main does
   main()

@@ -20,7 +20,7 @@ import sys
 import numpy as np
 import pandas as pd
 
-from repsim_jax import config_lib, default_run
+from repsim_jax import config_lib, default_run, host
 
 
 def run_study(workdir: str, seeds, lams, finetune_steps: int = 0, pretrain_steps: int = 0,
@@ -128,4 +128,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+  host.retain_freed_memory()  # before JAX starts its CPU threads, as repsim_jax.main does
   sys.exit(0 if main() is not None else 1)

@@ -9,6 +9,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from repsim_jax import host
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:key=val,...]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
@@ -18,6 +20,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  host.retain_freed_memory()  # before JAX starts its CPU threads (see host.py)
   from repsim_jax import jobs  # After flag parsing: XLA_FLAGS set by the user apply.
   try:
     jobs.run(_CONFIG.value, _WORKDIR.value)

@@ -23,7 +23,7 @@ import optax
 
 from repsim_jax import analysis, checkpoint as ckpt_lib
 from repsim_jax import config_lib, data, metrics as metrics_lib, metric_writers, models, parallel
-from repsim_jax import sharpness, similarity
+from repsim_jax import host, sharpness, similarity
 from repsim_jax import methods as methods_lib
 from repsim_jax.data import pipeline
 from repsim_jax.optim import optimizers
@@ -250,7 +250,7 @@ def evaluate(dp, p_eval, state, eval_iter_fn, split, info, max_batches: int = 0)
   return out
 
 
-@parallel.single_threaded_blas()
+@host.single_threaded_blas()
 def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains per `cfg`, writes metrics/checkpoints/results to `workdir`, returns the results."""
   validate(cfg)
