@@ -1,6 +1,18 @@
 """Plain PyTorch ResNet-18/50 (torchvision's layout) and ViT (timm's layout) for the step-time
 comparison in train_step.py; written here so the benchmark needs only `torch`, not
-torchvision/timm builds matching it."""
+torchvision/timm builds matching it.
+
+  python benchmarks/torch_reference.py MODEL SIZE BATCH DEVICE
+
+serves train_step.py from its own process: after warm-up it prints `ready`, then for each line
+`N` on stdin runs N eager training steps and prints their times as a JSON list. A separate
+process because PyTorch in the same process as XLA slowed XLA's CPU steps by up to 2x (its
+OpenMP threads and allocations share the cores and the heap).
+"""
+
+import json
+import sys
+import time
 
 import torch
 from torch import nn
@@ -96,3 +108,39 @@ def make(name: str, size: int, num_classes: int = 10) -> nn.Module:
     w, d, h, m = vit[name]
     return ViT(size, 16, w, d, h, m, num_classes)
   raise ValueError(f"no PyTorch reference for {name!r}")
+
+
+def serve(name: str, size: int, batch: int, device: str):
+  if device == "cuda" and not torch.cuda.is_available():
+    sys.exit("torch_reference: this PyTorch build has no CUDA")
+  try:
+    net = make(name, size).to(device).train()
+  except ValueError as e:
+    sys.exit(f"torch_reference: {e}")
+  if device == "cuda":
+    # JAX's default float32 precision on NVIDIA GPUs lets convs and matmuls use TF32; match it.
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+  opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+  x = torch.randn(batch, 3, size, size, device=device)
+  y = torch.randint(0, 10, (batch,), device=device)
+
+  def step():
+    t0 = time.perf_counter()
+    opt.zero_grad()
+    torch.nn.functional.cross_entropy(net(x), y).backward()
+    opt.step()
+    if device == "cuda":
+      torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+  for _ in range(3):  # warm-up (cuDNN autotuning on the GPU)
+    step()
+  print("ready", flush=True)
+  for line in sys.stdin:
+    print(json.dumps([step() for _ in range(int(line))]), flush=True)
+
+
+if __name__ == "__main__":
+  serve(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])

@@ -12,16 +12,20 @@ Prints one JSON line per (model, size, method). The step is the trainer's own pe
 All runners are compiled first, then timed in alternating rounds (--rounds) and reported as
 medians, so ratios between them are not skewed by load that comes and goes. Where torch is
 installed, the same model and batch in eager PyTorch runs on the same kind of device (CUDA when JAX
-runs on a GPU, with TF32 allowed as JAX allows it by default there). Host BLAS is single-threaded,
-as in the trainer (`host.single_threaded_blas`), and glibc malloc keeps freed step buffers, as
-in the command line (`host.retain_freed_memory`; it applies to PyTorch too).
+runs on a GPU, with TF32 allowed as JAX allows it by default there), in a process of its own
+(benchmarks/torch_reference.py) timed in the same alternating rounds. Host BLAS is
+single-threaded, as in the trainer (`host.single_threaded_blas`), and glibc malloc uses huge
+pages, as in the command line (`host.malloc_on_huge_pages`; the PyTorch process inherits it).
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
+import importlib.util
 import json
 import os
+import subprocess
 import sys
 import time
 
@@ -30,8 +34,6 @@ import jax
 import numpy as np
 
 from repsim_jax import config_lib, host, methods, models, parallel, train
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from repsim_jax.optim import optimizers
 
 
@@ -66,52 +68,40 @@ def build(model_name: str, size: int, method_spec: str, batch: int):
 
 
 def jax_runner(model_name, size, method_spec, batch):
-  """Compiles the step; returns (compile seconds, a function that runs one step to completion)."""
+  """Compiles the step; returns (compile seconds, a function that times n steps)."""
   dp, step, state, b = build(model_name, size, method_spec, batch)
   rng = dp.put_replicated(np.zeros((2,), np.uint32))
   holder = [state]
 
   def run():
+    t0 = time.perf_counter()
     holder[0], m = step(holder[0], b, rng)
     jax.block_until_ready(m)
+    return time.perf_counter() - t0
 
-  t0 = time.perf_counter()
-  run()
-  return time.perf_counter() - t0, run
+  return run(), lambda n: [run() for _ in range(n)]
 
 
 def torch_runner(model_name, size, batch):
-  """One eager PyTorch training step of the same model and batch, on the GPU when JAX has one."""
-  try:
-    import torch
-  except ImportError:
+  """(a function that times n eager PyTorch steps of the same model and batch, device), run by
+  torch_reference.py in a process of its own, on the GPU when JAX has one; None without torch."""
+  if importlib.util.find_spec("torch") is None:
     return None
-  import torch_reference
-  try:
-    net = torch_reference.make(model_name, size)
-  except ValueError:
+  device = "cuda" if jax.default_backend() == "gpu" else "cpu"
+  proc = subprocess.Popen(
+      [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                    "torch_reference.py"), model_name, str(size), str(batch), device],
+      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+  if proc.stdout.readline().strip() != "ready":  # no reference for this model: it has said why
+    proc.wait()
     return None
-  device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
-  if device == "cuda":
-    # JAX's default float32 precision on NVIDIA GPUs lets convs and matmuls use TF32; match it.
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    torch.backends.cudnn.benchmark = True
-  net = net.to(device).train()
-  opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-  x = torch.randn(batch, 3, size, size, device=device)
-  y = torch.randint(0, 10, (batch,), device=device)
+  atexit.register(proc.kill)
 
-  def run():
-    opt.zero_grad()
-    loss = torch.nn.functional.cross_entropy(net(x), y)
-    loss.backward()
-    opt.step()
-    if device == "cuda":
-      torch.cuda.synchronize()
+  def run(n):
+    proc.stdin.write(f"{n}\n")
+    proc.stdin.flush()
+    return json.loads(proc.stdout.readline())
 
-  for _ in range(3):  # warm-up (cuDNN autotuning on the GPU)
-    run()
   return run, device
 
 
@@ -122,10 +112,7 @@ def time_interleaved(runners: dict, steps: int, rounds: int) -> dict:
   per_round = max(1, -(-steps // rounds))
   for _ in range(rounds):
     for k, run in runners.items():
-      for _ in range(per_round):
-        t0 = time.perf_counter()
-        run()
-        times[k].append(time.perf_counter() - t0)
+      times[k] += run(per_round)
   return {k: float(np.median(v)) for k, v in times.items()}
 
 
@@ -170,5 +157,5 @@ def main():
 
 
 if __name__ == "__main__":
-  host.retain_freed_memory()  # before JAX's CPU backend starts, as repsim_jax.main does
+  host.malloc_on_huge_pages()  # may re-exec this process, as repsim_jax.main does
   main()

@@ -128,5 +128,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  host.retain_freed_memory()  # before JAX starts its CPU threads, as repsim_jax.main does
+  host.malloc_on_huge_pages()  # may re-exec this process, as repsim_jax.main does
   sys.exit(0 if main() is not None else 1)

@@ -20,7 +20,6 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-  host.retain_freed_memory()  # before JAX starts its CPU threads (see host.py)
   from repsim_jax import jobs  # After flag parsing: XLA_FLAGS set by the user apply.
   try:
     jobs.run(_CONFIG.value, _WORKDIR.value)
@@ -31,5 +30,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  host.malloc_on_huge_pages()  # may re-exec this process, so before anything starts
   flags.mark_flags_as_required(["config", "workdir"])
   app.run(main)

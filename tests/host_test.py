@@ -1,5 +1,6 @@
 """Host-process settings (`repsim_jax.host`)."""
 
+import os
 import platform
 import subprocess
 import sys
@@ -33,12 +34,13 @@ def test_single_threaded_blas_as_decorator():
 
 
 # A 150 MB block malloc'd, written and freed on a fresh thread, as XLA:CPU does with a step's
-# temporary buffer; prints the page faults of the second and third rounds.
-_REUSE = """
-import ctypes, resource, sys, threading
+# temporary buffer; prints the command line it ran with, GLIBC_TUNABLES and the page faults of
+# the second and third rounds.
+_STEP_BUFFER = """
+import ctypes, os, resource, sys, threading
 from repsim_jax import host
-if sys.argv[1] == "retain":
-  assert host.retain_freed_memory()
+if sys.argv[1] == "huge":
+  host.malloc_on_huge_pages()
 libc = ctypes.CDLL(None)
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
 libc.free.argtypes = [ctypes.c_void_p]
@@ -52,17 +54,31 @@ def faults():
   t.start(); t.join()
   return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 faults()
-print(faults() + faults())
+print(sys.argv[1:], os.environ.get("GLIBC_TUNABLES"), faults() + faults())
 """
 
 
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc malloc only")
-def test_retain_freed_memory_stops_refaulting_big_blocks():
-  def faults(mode):
-    out = subprocess.run([sys.executable, "-c", _REUSE, mode], check=True, capture_output=True,
-                         text=True)
-    return int(out.stdout)
+def _thp_madvise():
+  try:
+    with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+      return "[madvise]" in f.read()
+  except OSError:
+    return False
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc" or not _thp_madvise(),
+                    reason="glibc malloc with transparent huge pages in madvise mode only")
+def test_malloc_on_huge_pages_reexecs_once_and_stops_4k_faults():
+  def run(mode):
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    out = subprocess.run([sys.executable, "-c", _STEP_BUFFER, mode, "x"], check=True,
+                         capture_output=True, text=True, env=env, timeout=120)
+    return out.stdout.rsplit(" ", 1)
 
   pages = 2 * (150 << 20) // 4096
-  assert faults("retain") < 0.01 * pages
-  assert faults("default") > 10 * max(faults("retain"), 1)
+  head, huge = run("huge")
+  assert head == "['huge', 'x'] glibc.malloc.hugetlb=1"  # same arguments after the re-exec
+  head, default = run("default")
+  assert head == "['default', 'x'] None"
+  assert int(huge) < 0.01 * pages
+  assert int(default) > 10 * max(int(huge), 1)
