@@ -297,39 +297,35 @@ def test_stiefel_adam_minimises_brockett_cost(x64, method):
 
 
 def test_stiefel_sgd_matches_manual_momentum_recursion(x64):
-  # Two steps by hand: m₁ = P_{Q₀}G₀, Q₁ = R_{Q₀}(P_{Q₀}(−η m₁));
-  # m₂ = β m₁ + P_{Q₁}G₁, Q₂ = R_{Q₁}(P_{Q₁}(−η m₂)).
+  # Two steps by hand: m₁ = P_{Q₀}G₀, Q₁ = R_{Q₀}(−η m₁);
+  # m₂ = P_{Q₁}(β m₁ + G₁) (m₁ transported to Q₁ by projection), Q₂ = R_{Q₁}(−η m₂).
   rng = np.random.default_rng(10)
   q0 = _rand_stiefel(rng, 6, 3)
   g0, g1 = rng.standard_normal((2, 6, 3))
   eta, beta = 0.1, 0.8
-  for method in METHODS:
-    tx = st.stiefel_sgd(eta, momentum=beta, method=method)
+
+  def two_steps(tx):
     s = tx.init(jnp.asarray(q0))
     u, s = tx.update(jnp.asarray(g0), s, jnp.asarray(q0))
     q1 = np.asarray(optax.apply_updates(jnp.asarray(q0), u))
     u, s = tx.update(jnp.asarray(g1), s, jnp.asarray(q1))
-    q2 = np.asarray(optax.apply_updates(jnp.asarray(q1), u))
+    return q1, np.asarray(optax.apply_updates(jnp.asarray(q1), u))
 
+  for method in METHODS:
+    q1, q2 = two_steps(st.stiefel_sgd(eta, momentum=beta, method=method))
     m1 = _np_project(q0, g0)
-    q1_ref = _np_retract(q0, _np_project(q0, -eta * m1), method)
-    m2 = beta * m1 + _np_project(q1_ref, g1)
-    q2_ref = _np_retract(q1_ref, _np_project(q1_ref, -eta * m2), method)
+    q1_ref = _np_retract(q0, -eta * m1, method)
+    m2 = _np_project(q1_ref, beta * m1 + g1)
+    q2_ref = _np_retract(q1_ref, -eta * m2, method)
     np.testing.assert_allclose(q1, q1_ref, atol=1e-12)
     np.testing.assert_allclose(q2, q2_ref, atol=1e-12)
 
-  # Nesterov: the step uses g + β m with m = β m_prev + g (optax.trace's convention).
-  tx = st.stiefel_sgd(eta, momentum=beta, nesterov=True, method="qr")
-  s = tx.init(jnp.asarray(q0))
-  u, s = tx.update(jnp.asarray(g0), s, jnp.asarray(q0))
-  q1 = np.asarray(optax.apply_updates(jnp.asarray(q0), u))
-  u, s = tx.update(jnp.asarray(g1), s, jnp.asarray(q1))
-  q2 = np.asarray(optax.apply_updates(jnp.asarray(q1), u))
-  p0 = _np_project(q0, g0)
-  q1_ref = _np_retract(q0, _np_project(q0, -eta * (p0 + beta * p0)), "qr")
-  p1 = _np_project(q1_ref, g1)
-  m2 = beta * p0 + p1
-  q2_ref = _np_retract(q1_ref, _np_project(q1_ref, -eta * (p1 + beta * m2)), "qr")
+  # Nesterov: the step is P_Q(G + β m) with m updated first (optax.trace's convention).
+  q1, q2 = two_steps(st.stiefel_sgd(eta, momentum=beta, nesterov=True, method="qr"))
+  m1 = _np_project(q0, g0)
+  q1_ref = _np_retract(q0, -eta * _np_project(q0, g0 + beta * m1), "qr")
+  m2 = _np_project(q1_ref, beta * m1 + g1)
+  q2_ref = _np_retract(q1_ref, -eta * _np_project(q1_ref, g1 + beta * m2), "qr")
   np.testing.assert_allclose(q1, q1_ref, atol=1e-12)
   np.testing.assert_allclose(q2, q2_ref, atol=1e-12)
 

@@ -11,4 +11,5 @@ from repsim_jax.optim.stiefel import (
     stiefel_adam,
     stiefel_retraction,
     stiefel_sgd,
+    tangent_momentum,
 )

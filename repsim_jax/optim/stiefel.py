@@ -3,13 +3,13 @@
 RepSim keeps a matrix Q (d_ft × d_pre, d_ft ≥ d_pre) on the manifold while the rest of the network
 trains with any optax optimiser. The recipe (Absil, Mahony & Sepulchre 2008, ch. 4) is
 
-  Euclidean gradient G --project_gradients--> Riemannian gradient (tangent at Q)
-    --optax.trace / optax.scale_by_adam--> statistics of projected gradients
-    --optax.scale_by_learning_rate--> step V (ambient; momentum mixes tangent spaces)
-    --stiefel_retraction--> update retract(Q, P_Q V) − Q,
+  SGD:  Euclidean gradient G --tangent_momentum--> m = P_Q(β m + G) (tangent at Q)
+          --optax.scale_by_learning_rate--> step V --stiefel_retraction--> retract(Q, V) − Q;
+  Adam: G --project_gradients--> Riemannian gradient P_Q G --optax.scale_by_adam--> (ambient)
+          --optax.scale_by_learning_rate--> V --stiefel_retraction--> retract(Q, P_Q V) − Q,
 
-so ``optax.apply_updates`` lands on the manifold. Re-projecting the accumulated step at the
-current Q is the projection vector transport, the usual choice for momentum methods on St.
+so ``optax.apply_updates`` lands on the manifold. Projecting the previous momentum at the current
+Q is the projection vector transport, the usual choice for momentum methods on St.
 
 All array functions take a single matrix (..., d_ft, d_pre) batched over any leading axes and are
 jit- and vmap-friendly.
@@ -39,6 +39,7 @@ __all__ = [
     "stiefel_labels",
     "stiefel_retraction",
     "stiefel_sgd",
+    "tangent_momentum",
 ]
 
 RETRACTIONS = ("qr", "cayley", "polar")
@@ -344,8 +345,33 @@ def project_gradients() -> optax.GradientTransformation:
   return optax.GradientTransformation(init_fn, update_fn)
 
 
+def tangent_momentum(decay: float, nesterov: bool = False) -> optax.GradientTransformation:
+  """Heavy-ball momentum kept in the tangent space at the current Q: m ← P_Q(β m + G).
+
+  The old m is tangent at the previous Q; projecting it at the current one is its vector
+  transport (as in Li, Fuxin & Todorovic 2020's Cayley SGD), and by linearity one projection
+  serves both it and the new gradient. The output is tangent at Q (m, or P_Q(G + β m) with
+  `nesterov`), so `stiefel_retraction(tangent=True)` need not project it again: two d³ products
+  per step instead of four. Feed it Euclidean gradients; `update` needs `params`.
+  """
+
+  def init_fn(params):
+    return optax.TraceState(trace=jax.tree.map(jnp.zeros_like, params))
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError("params: tangent_momentum needs the current params in update")
+    m = jax.tree.map(lambda q, g, m: project_tangent(q, decay * m + g), params, updates,
+                     state.trace)
+    out = (jax.tree.map(lambda q, g, m: project_tangent(q, g + decay * m), params, updates, m)
+           if nesterov else m)
+    return out, optax.TraceState(trace=m)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
 def stiefel_retraction(
-    method: str = "qr", check_init: bool = True, tol: float | None = None
+    method: str = "qr", check_init: bool = True, tol: float | None = None, tangent: bool = False
 ) -> optax.GradientTransformation:
   """Turn an already-scaled ambient step V into `retract(Q, P_Q V) − Q` for each leaf Q.
 
@@ -358,6 +384,7 @@ def stiefel_retraction(
       ‖QᵀQ − I‖_F > tol; such a leaf is never projected silently. Leaves traced under jit are
       not checked.
     tol: that bound; None means sqrt(eps(dtype) · d_pre), e.g. 3.5e-4·sqrt(d_pre) for float32.
+    tangent: the steps arrive tangent at Q already (after `tangent_momentum`): skip P_Q.
 
   Returns:
     An `optax.GradientTransformation` with empty state whose `update` needs `params`.
@@ -382,7 +409,7 @@ def stiefel_retraction(
     def one(q, v):
       dtype = _compute_dtype(jnp.result_type(q, v))  # project and retract in >= float32
       q32, v32 = q.astype(dtype), v.astype(dtype)
-      y = retract(q32, project_tangent(q32, v32), method)
+      y = retract(q32, v32 if tangent else project_tangent(q32, v32), method)
       return (y - q32).astype(v.dtype)
 
     return jax.tree.map(one, params, updates), state
@@ -397,16 +424,17 @@ def stiefel_sgd(
     method: str = "qr",
     check_init: bool = True,
 ) -> optax.GradientTransformation:
-  """Riemannian SGD (with heavy-ball / Nesterov momentum of projected gradients) on St.
+  """Riemannian SGD (with heavy-ball / Nesterov momentum transported by projection) on St.
 
-  Chain: project_gradients -> optax.trace(momentum, nesterov) -> scale_by_learning_rate ->
-  stiefel_retraction(method). `momentum=None` or 0 gives plain Riemannian gradient descent.
+  Chain: tangent_momentum(momentum, nesterov) (or project_gradients without momentum) ->
+  scale_by_learning_rate -> stiefel_retraction(method, tangent=True). `momentum=None` or 0 gives
+  plain Riemannian gradient descent.
   """
-  parts = [project_gradients()]
-  if momentum:
-    parts.append(optax.trace(decay=momentum, nesterov=nesterov))
-  parts += [optax.scale_by_learning_rate(learning_rate), stiefel_retraction(method, check_init)]
-  return optax.chain(*parts)
+  return optax.chain(
+      tangent_momentum(momentum, nesterov) if momentum else project_gradients(),
+      optax.scale_by_learning_rate(learning_rate),
+      stiefel_retraction(method, check_init, tangent=True),
+  )
 
 
 def stiefel_adam(
