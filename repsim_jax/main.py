@@ -4,6 +4,7 @@
 checkpoints) end the run with one line naming what was wrong, and a non-zero exit status.
 """
 
+import re
 import sys
 
 from absl import app, flags, logging
@@ -16,6 +17,26 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:ke
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
 
 
+def _parse_flags(argv):
+  """absl's parser, but a bad flag or an override of a key the config does not have
+  (`--config.optim.nme=x`, which ml_collections raises as AttributeError/KeyError) ends with one
+  line, not a traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:  # a bad value, or get_config raised (its traceback is in the text)
+    lines = str(e).strip().splitlines()
+    print(f"error: {lines[0]}" + (f" {lines[-1]}" if len(lines) > 1 else ""), file=sys.stderr)
+    sys.exit(1)
+  except (AttributeError, KeyError) as e:
+    text = str(e).encode().decode("unicode_escape")  # ml_collections nests repr()s
+    key = re.search(r"'([^'\\]+)'", text)
+    hint = re.search(r"Did you mean [^?]*\?", text)
+    overrides = " ".join(a for a in argv[1:] if a.startswith("--config."))
+    print(f"error: {overrides}: the config has no key {key[1] if key else text!r}"
+          + (f" ({hint[0]})" if hint else ""), file=sys.stderr)
+    sys.exit(1)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -23,13 +44,15 @@ def main(argv):
   from repsim_jax import jobs  # After flag parsing: XLA_FLAGS set by the user apply.
   try:
     jobs.run(_CONFIG.value, _WORKDIR.value)
-  except (ValueError, FileNotFoundError, FloatingPointError, KeyError) as e:
-    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-    print(f"error: {msg}", file=sys.stderr)
+  except (ValueError, OSError, FloatingPointError, KeyError) as e:
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()] or [type(e).__name__]
+    # ml_collections reports a config file it could not load on first use, the cause last.
+    print(f"error: {lines[0]}" + (f" {lines[-1]}" if isinstance(e, OSError) and len(lines) > 1
+                                  else ""), file=sys.stderr)
     sys.exit(1)
 
 
 if __name__ == "__main__":
   host.malloc_on_huge_pages()  # may re-exec this process, so before anything starts
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -33,7 +33,11 @@ def test_atomic_write_leaves_no_temp(tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["--config=configs/finetune.py:modell=resnet18"], "unknown key 'modell'"),
-    (["--config=configs/finetune.py", "--config.optim.nme=sgd"], "nme"),
+    (["--config=configs/finetune.py", "--config.optim.nme=sgd"],
+     "--config.optim.nme=sgd: the config has no key 'nme' (Did you mean \"name\""),
+    (["--config=configs/nosuch.py"], "No such file or directory: 'configs/nosuch.py'"),
+    (["--config=configs/finetune.py", "--config.train.num_steps=abc"],
+     "flag --config.train.num_steps=abc: invalid literal for int()"),
     (["--config=configs/finetune.py", "--config.optim.name=adamx"], "config.optim.name='adamx'"),
 ])
 def test_cli_bad_config_fails_with_one_line(tmp_path, args, message):
@@ -41,3 +45,4 @@ def test_cli_bad_config_fails_with_one_line(tmp_path, args, message):
                          f"--workdir={tmp_path}/w"], capture_output=True, text=True, timeout=300)
   assert proc.returncode != 0
   assert message in proc.stderr
+  assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
