@@ -49,7 +49,7 @@ def malloc_on_huge_pages() -> None:
   library, first thing in `__main__`.
   """
   if (platform.system() != "Linux" or platform.libc_ver()[0] != "glibc"
-      or _HUGETLB in os.environ.get("GLIBC_TUNABLES", "")):
+      or _HUGETLB.split("=")[0] in os.environ.get("GLIBC_TUNABLES", "")):  # set, maybe by the user
     return
   if tuple(int(v) for v in platform.libc_ver()[1].split(".")[:2]) < (2, 35):
     return
