@@ -14,7 +14,7 @@ import sys
 
 import threadpoolctl
 
-_HUGETLB = "glibc.malloc.hugetlb=1"
+_HUGETLB = "glibc.malloc.hugetlb"
 _THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
@@ -49,7 +49,7 @@ def malloc_on_huge_pages() -> None:
   library, first thing in `__main__`.
   """
   if (platform.system() != "Linux" or platform.libc_ver()[0] != "glibc"
-      or _HUGETLB.split("=")[0] in os.environ.get("GLIBC_TUNABLES", "")):  # set, maybe by the user
+      or _HUGETLB in os.environ.get("GLIBC_TUNABLES", "")):  # already set, maybe by the user
     return
   if tuple(int(v) for v in platform.libc_ver()[1].split(".")[:2]) < (2, 35):
     return
@@ -60,7 +60,7 @@ def malloc_on_huge_pages() -> None:
   except OSError:
     return
   os.environ["GLIBC_TUNABLES"] = ":".join(filter(None, [os.environ.get("GLIBC_TUNABLES"),
-                                                         _HUGETLB]))
+                                                         f"{_HUGETLB}=1"]))
   sys.stdout.flush()
   sys.stderr.flush()
   os.execv(sys.executable, sys.orig_argv)

@@ -17,6 +17,14 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:ke
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
 
 
+def _exit_with_error(e: Exception, cause: bool) -> None:
+  """Prints `error: ` and the first line of `e` (with its last, the cause, if `cause`); exits 1."""
+  lines = [l.strip() for l in str(e).splitlines() if l.strip()] or [type(e).__name__]
+  print(f"error: {lines[0]}" + (f" {lines[-1]}" if cause and len(lines) > 1 else ""),
+        file=sys.stderr)
+  sys.exit(1)
+
+
 def _parse_flags(argv):
   """absl's parser, but a bad flag or an override of a key the config does not have
   (`--config.optim.nme=x`, which ml_collections raises as AttributeError/KeyError) ends with one
@@ -24,9 +32,7 @@ def _parse_flags(argv):
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:  # a bad value, or get_config raised (its traceback is in the text)
-    lines = str(e).strip().splitlines()
-    print(f"error: {lines[0]}" + (f" {lines[-1]}" if len(lines) > 1 else ""), file=sys.stderr)
-    sys.exit(1)
+    _exit_with_error(e, cause=True)
   except (AttributeError, KeyError) as e:
     text = str(e).encode().decode("unicode_escape")  # ml_collections nests repr()s
     key = re.search(r"'([^'\\]+)'", text)
@@ -45,11 +51,8 @@ def main(argv):
   try:
     jobs.run(_CONFIG.value, _WORKDIR.value)
   except (ValueError, OSError, FloatingPointError, KeyError) as e:
-    lines = [l.strip() for l in str(e).splitlines() if l.strip()] or [type(e).__name__]
     # ml_collections reports a config file it could not load on first use, the cause last.
-    print(f"error: {lines[0]}" + (f" {lines[-1]}" if isinstance(e, OSError) and len(lines) > 1
-                                  else ""), file=sys.stderr)
-    sys.exit(1)
+    _exit_with_error(e, cause=isinstance(e, OSError))
 
 
 if __name__ == "__main__":
