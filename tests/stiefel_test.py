@@ -137,6 +137,31 @@ def test_qr_retraction_of_a_rank_deficient_step_falls_back_to_householder(x64):
   np.testing.assert_allclose(y[:, 0], q[:, 0], atol=1e-12)
 
 
+@pytest.mark.parametrize("scale", [0.0, 1e-4, 1e-2, 0.1, 0.3, 0.6, 3.0])
+def test_polar_retraction_equals_scipy_polar_for_any_step_size(x64, scale):
+  # ‖MᵀM − I‖_F = ‖VᵀV‖_F runs from 0 (no Newton–Schulz step needed beyond the first) through
+  # several steps up to ≥ ½, where the eigh route takes over; every case must be the polar factor.
+  rng = np.random.default_rng(11)
+  q = _rand_stiefel(rng, 10, 4)
+  v = _np_project(q, rng.standard_normal((10, 4)))
+  v = scale * v / np.linalg.norm(v)
+  y = np.asarray(st.retract(jnp.asarray(q), jnp.asarray(v), "polar"))
+  np.testing.assert_allclose(y, scipy.linalg.polar(q + v)[0], atol=1e-12)
+  assert _np_orth_err(y) <= 1e-13
+
+
+def test_polar_retraction_float32_pulls_a_drifted_q_back():
+  # Q off the manifold by 3e-2 (accumulated roundoff, say) and a zero step: the iteration must
+  # return the polar factor of Q to float32 roundoff, not stop after one step at ~1e-6.
+  rng = np.random.default_rng(12)
+  q = _rand_stiefel(rng, 64, 64)
+  drifted = (q + 3e-2 * rng.standard_normal(q.shape) / 64).astype(np.float32)
+  y = st.retract(jnp.asarray(drifted), jnp.zeros_like(drifted), "polar")
+  assert y.dtype == jnp.float32
+  assert float(st.orthogonality_error(y)) <= 2e-6
+  np.testing.assert_allclose(y, scipy.linalg.polar(drifted.astype(np.float64))[0], atol=1e-6)
+
+
 def test_cayley_low_rank_equals_dense_form(x64):
   # A large step through the Woodbury path (2p < n) against the n×n reference formula.
   rng = np.random.default_rng(5)

@@ -11,6 +11,12 @@ trains with any optax optimiser. The recipe (Absil, Mahony & Sepulchre 2008, ch.
 so ``optax.apply_updates`` lands on the manifold. Projecting the previous momentum at the current
 Q is the projection vector transport, the usual choice for momentum methods on St.
 
+The polar retraction runs Newton–Schulz iterations (matrix products only, one for an
+optimiser-sized step): a standalone 512 × 512 momentum-SGD update takes 4.1 ms on 2 CPU cores
+against 6.8 ms with the default Cholesky-QR. Inside a jitted train step on CPU QR is as fast or
+faster (measured on ResNet-18 at 64 px: its single-threaded LAPACK calls overlap other work, the
+iteration's loop does not), so QR stays the default; `polar` was not measured on a GPU.
+
 All array functions take a single matrix (..., d_ft, d_pre) batched over any leading axes and are
 jit- and vmap-friendly.
 """
@@ -132,13 +138,12 @@ def _polar_svd(m: jax.Array) -> jax.Array:
   return _mm(u, vh)
 
 
-def _retract_polar(m: jax.Array) -> jax.Array:
+def _polar_eigh(m: jax.Array) -> jax.Array:
   """Polar factor M (MᵀM)^(-1/2) (= U Vᵀ of the thin SVD of M) through eigh of the p × p Gram.
 
-  For M = Q + V with V tangent, MᵀM = I + VᵀV has eigenvalues in [1, 1 + ‖V‖₂²], so the Gram
-  route is well conditioned. It is used instead of an SVD of M because there all singular values
-  cluster at 1, the case where LAPACK's divide-and-conquer SVD (JAX's CPU default) can fail and
-  return NaN (seen on a 2048 × 2048 float32 step); eigh is robust and several times faster.
+  Used instead of an SVD of M because there all singular values cluster at 1, the case where
+  LAPACK's divide-and-conquer SVD (JAX's CPU default) can fail and return NaN (seen on a
+  2048 × 2048 float32 step); eigh is robust.
   """
   gram = _sym(_mm(_mT(m), m))
   w, u = jnp.linalg.eigh(gram)
@@ -146,6 +151,47 @@ def _retract_polar(m: jax.Array) -> jax.Array:
   # rsqrt of float32 eigenvalues leaves ~1e-6 off the manifold; one Newton–Schulz step (identity
   # on the manifold) squares that deviation, as in the Cayley retraction.
   return _newton_schulz(y)
+
+
+# Newton–Schulz converges while ‖YᵀY − I‖₂ < 1; from ‖·‖_F < ½ the bound below reaches float64
+# roundoff in 6 steps.
+_NS_MAX_ERROR = 0.5
+_NS_MAX_STEPS = 8
+
+
+def _retract_polar(m: jax.Array) -> jax.Array:
+  """Polar factor M (MᵀM)^(-1/2) by Newton–Schulz steps Y ← Y (I − E/2), E = YᵀY − I.
+
+  For M = Q + V with V tangent, MᵀM = I + VᵀV, so E starts at O(‖V‖²), and a step keeps the
+  singular vectors of Y and maps E to −¾E² + ¼E³. An optimiser step (‖E‖ ≲ 1e-3) is then done
+  in one step, two matmuls, where QR needs a Cholesky and a triangular solve (single-threaded
+  LAPACK on CPU, latency-bound on GPU). Steps repeat until the bound
+  ‖E'‖_F ≤ ¾‖E‖_F² + ¼‖E‖_F³ is below roundoff (eps · √p). An M with ‖MᵀM − I‖_F ≥ ½ (a huge
+  step, or a Q far off the manifold) goes to the exact `_polar_eigh` instead.
+  """
+  p = m.shape[-1]
+  eye = jnp.eye(p, dtype=m.dtype)
+  tol = float(jnp.finfo(m.dtype).eps) * math.sqrt(p)
+
+  def deviation(y):  # E and its Frobenius norm, the worst over any batch axes
+    e = _sym(_mm(_mT(y), y)) - eye
+    return e, jnp.max(jnp.sqrt(jnp.sum(jnp.square(e), axis=(-2, -1))))
+
+  def step(y, e, err):
+    return y - 0.5 * _mm(y, e), 0.75 * err**2 + 0.25 * err**3
+
+  e0, err0 = deviation(m)
+
+  def newton_schulz():
+    def body(carry):
+      y, _, k = carry
+      return (*step(y, *deviation(y)), k + 1)
+
+    y, _, _ = jax.lax.while_loop(lambda c: (c[1] > tol) & (c[2] < _NS_MAX_STEPS), body,
+                                 (*step(m, e0, err0), 1))
+    return y
+
+  return jax.lax.cond(err0 < _NS_MAX_ERROR, newton_schulz, lambda: _polar_eigh(m))
 
 
 def _retract_cayley(q: jax.Array, v: jax.Array) -> jax.Array:
@@ -191,8 +237,10 @@ def retract(q: jax.Array, v: jax.Array, method: str = "qr") -> jax.Array:
       solved in the low-rank (Sherman–Morrison–Woodbury) form when 2·d_pre < d_ft, then one
       Newton–Schulz step (identity on the manifold) so roundoff does not accumulate.
     "polar": U Vᵀ from the thin SVD U Σ Vᵀ of Q + V (the closest orthonormal matrix to Q + V),
-      computed as M (MᵀM)^(-1/2), M = Q + V, by eigh of the d_pre × d_pre Gram (full column rank
-      is guaranteed for tangent V: MᵀM = I + VᵀV).
+      computed as M (MᵀM)^(-1/2), M = Q + V, by Newton–Schulz iteration (matmuls only; one
+      iteration for a typical optimiser step), or by eigh of the d_pre × d_pre Gram for a step
+      too large for it to converge fast (full column rank is guaranteed for tangent V:
+      MᵀM = I + VᵀV).
 
   All three map any `v` onto the manifold; they are first-order retractions (R_Q(0) = Q,
   dR_Q(tV)/dt|₀ = V) when `v` is tangent at `q`, so project first (`project_tangent`).
