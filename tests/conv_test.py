@@ -1,4 +1,4 @@
-"""The small-feature-map convolution equals lax.conv_general_dilated (values and gradients)."""
+"""The CPU forms of the convolution equal lax.conv_general_dilated (values and gradients)."""
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +16,10 @@ DN = ("NHWC", "HWIO", "NHWC")
     ((4, 4, 4, 8), (3, 3, 8, 8), (2, 2), ((1, 1), (1, 1))),     # stride 2 into 2x2
     ((4, 4, 4, 8), (1, 1, 8, 16), (2, 2), ((0, 0), (0, 0))),    # 1x1 downsample
     ((2, 3, 5, 4), (3, 3, 4, 6), (1, 2), ((1, 0), (2, 1))),     # uneven everything
-    ((2, 8, 8, 4), (3, 3, 4, 4), (1, 1), ((1, 1), (1, 1))),     # large map: plain lax path
+    ((2, 8, 8, 4), (3, 3, 4, 4), (1, 1), ((1, 1), (1, 1))),     # large map: lax, materialised
+    ((2, 9, 9, 4), (1, 1, 4, 6), (2, 2), "VALID"),              # 1x1 as slice + matmul
+    ((2, 8, 8, 4), (1, 1, 4, 6), (1, 1), "VALID"),              # 1x1, stride 1
+    ((2, 9, 7, 4), (3, 3, 4, 6), (2, 1), "SAME"),               # string padding, large map
 ])
 def test_matches_lax_conv_and_its_gradients(shape, kernel, stride, pad):
   x = jax.random.normal(jax.random.PRNGKey(0), shape)
@@ -29,3 +32,16 @@ def test_matches_lax_conv_and_its_gradients(shape, kernel, stride, pad):
   loss = lambda f: (lambda x, w: jnp.sum(jnp.sin(f(x, w))))
   for a, b in zip(jax.grad(loss(ours), (0, 1))(x, w), jax.grad(loss(ref), (0, 1))(x, w)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_materialized_is_the_identity_for_values_and_gradients():
+  x = jax.random.normal(jax.random.PRNGKey(2), (2, 5, 5, 3)) * 1e30
+  x = x.at[1, 2, 3, 0].set(-1e-37).at[0, 0, 1, 0].set(-0.0)
+  np.testing.assert_array_equal(conv._materialized(x), x)
+  c = jax.random.normal(jax.random.PRNGKey(3), x.shape)
+  g = jax.jit(jax.grad(lambda x: jnp.sum(conv._materialized(x) * c)))(x)
+  np.testing.assert_array_equal(g, c)
+  # A non-finite first element stays where it is instead of spreading to the whole output.
+  for bad in (jnp.nan, jnp.inf):
+    y = jax.jit(conv._materialized)(x.at[0, 0, 0, 0].set(bad))
+    assert np.isfinite(y).sum() == x.size - 1
