@@ -3,9 +3,9 @@
   python benchmarks/train_step.py [--steps 10] [--models resnet18@64,resnet18@224,vit_s16@224]
       [--methods full_ft,repsim:learned,repsim:procrustes,repsim:covariance,full_ft+sim]
 
-A method spec `NAME[:q_mode[:retraction]][+sim]`. Steps are timed as a run's unlogged steps are; `+sim` logs
-every step, with in-step similarity (linear CKA of every representation to the pretrained model)
-and the method's diagnostics, to measure what a logged step costs.
+A method spec `NAME[:q_mode[:retraction]][+sim]`. Steps are timed as a run's unlogged steps are;
+`+sim` logs every step, with in-step similarity (linear CKA of every representation to the
+pretrained model) and the method's diagnostics, to measure what a logged step costs.
 
 Prints one JSON line per (model, size, method). The step is the trainer's own per-device step
 (`train.make_train_step`) compiled for one device of the default backend, batch 32, SGD momentum.
@@ -39,10 +39,9 @@ from repsim_jax.optim import optimizers
 
 def build(model_name: str, size: int, method_spec: str, batch: int):
   method_spec, sim = method_spec.removesuffix("+sim"), method_spec.endswith("+sim")
-  name, _, mode = method_spec.partition(":")
-  mode, _, retraction = mode.partition(":")
-  mcfg = config_lib.method_config(
-      name, **({"q_mode": mode} if mode else {}), **({"retraction": retraction} if retraction else {}))
+  name, *rest = method_spec.split(":")
+  overrides = dict(zip(("q_mode", "retraction"), rest))
+  mcfg = config_lib.method_config(name, **overrides)
   model = models.get_model(model_name, 10, bn_axis_name=parallel.AXIS,
                            **({"image_size": size} if model_name.startswith("vit") else {}))
   x = np.random.default_rng(0).normal(size=(batch, size, size, 3)).astype(np.float32)

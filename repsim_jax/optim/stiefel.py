@@ -138,14 +138,13 @@ def _polar_svd(m: jax.Array) -> jax.Array:
   return _mm(u, vh)
 
 
-def _polar_eigh(m: jax.Array) -> jax.Array:
-  """Polar factor M (MᵀM)^(-1/2) (= U Vᵀ of the thin SVD of M) through eigh of the p × p Gram.
+def _polar_eigh(m: jax.Array, gram: jax.Array) -> jax.Array:
+  """Polar factor M (MᵀM)^(-1/2) (= U Vᵀ of the thin SVD of M) through eigh of its p × p Gram MᵀM.
 
   Used instead of an SVD of M because there all singular values cluster at 1, the case where
   LAPACK's divide-and-conquer SVD (JAX's CPU default) can fail and return NaN (seen on a
   2048 × 2048 float32 step); eigh is robust.
   """
-  gram = _sym(_mm(_mT(m), m))
   w, u = jnp.linalg.eigh(gram)
   y = _mm(m, _mm(u * jax.lax.rsqrt(w)[..., None, :], _mT(u)))
   # rsqrt of float32 eigenvalues leaves ~1e-6 off the manifold; one Newton–Schulz step (identity
@@ -169,16 +168,14 @@ def _retract_polar(m: jax.Array) -> jax.Array:
   ‖E'‖_F ≤ ¾‖E‖_F² + ¼‖E‖_F³ is below roundoff (eps · √p). An M with ‖MᵀM − I‖_F ≥ ½ (a huge
   step, or a Q far off the manifold) goes to the exact `_polar_eigh` instead.
   """
-  p = m.shape[-1]
-  eye = jnp.eye(p, dtype=m.dtype)
-  tol = float(jnp.finfo(m.dtype).eps) * math.sqrt(p)
+  tol = float(jnp.finfo(m.dtype).eps) * math.sqrt(m.shape[-1])
 
   def deviation(y):  # E and its Frobenius norm, the worst over any batch axes
-    e = _sym(_mm(_mT(y), y)) - eye
+    e = _gram_deviation(y)
     return e, jnp.max(jnp.sqrt(jnp.sum(jnp.square(e), axis=(-2, -1))))
 
   def step(y, e, err):
-    return y - 0.5 * _mm(y, e), 0.75 * err**2 + 0.25 * err**3
+    return _newton_schulz_step(y, e), 0.75 * err**2 + 0.25 * err**3
 
   e0, err0 = deviation(m)
 
@@ -191,7 +188,8 @@ def _retract_polar(m: jax.Array) -> jax.Array:
                                  (*step(m, e0, err0), 1))
     return y
 
-  return jax.lax.cond(err0 < _NS_MAX_ERROR, newton_schulz, lambda: _polar_eigh(m))
+  return jax.lax.cond(err0 < _NS_MAX_ERROR, newton_schulz,
+                      lambda: _polar_eigh(m, e0 + jnp.eye(m.shape[-1], dtype=m.dtype)))
 
 
 def _retract_cayley(q: jax.Array, v: jax.Array) -> jax.Array:
@@ -223,9 +221,19 @@ def _retract_cayley(q: jax.Array, v: jax.Array) -> jax.Array:
   return _newton_schulz(y)
 
 
+def _gram_deviation(y: jax.Array) -> jax.Array:
+  """E = YᵀY − I, symmetrised."""
+  return _sym(_mm(_mT(y), y)) - jnp.eye(y.shape[-1], dtype=y.dtype)
+
+
+def _newton_schulz_step(y: jax.Array, e: jax.Array) -> jax.Array:
+  """Y (3I − YᵀY)/2 = Y (I − E/2) for E = `_gram_deviation(y)`."""
+  return y - 0.5 * _mm(y, e)
+
+
 def _newton_schulz(y: jax.Array) -> jax.Array:
-  """One Newton–Schulz polar step Y (3I − YᵀY)/2: fixes the manifold, squares a small deviation."""
-  return 1.5 * y - 0.5 * _mm(y, _mm(_mT(y), y))
+  """One Newton–Schulz polar step: fixes the manifold, squares a small deviation."""
+  return _newton_schulz_step(y, _gram_deviation(y))
 
 
 def retract(q: jax.Array, v: jax.Array, method: str = "qr") -> jax.Array:
