@@ -13,6 +13,8 @@ CASES = [
     ((2, 8, 8, 3), (3, 3), (2, 2), ((1, 1), (1, 1))),   # even input
     ((1, 7, 5, 2), (2, 3), (1, 2), ((0, 1), (2, 0))),   # uneven window, strides, padding
     ((2, 6, 6, 4), (2, 2), (2, 2), ((0, 0), (0, 0))),   # non-overlapping
+    ((1, 11, 10, 2), (2, 1), (3, 2), ((0, 0), (0, 0))),  # stride > window: rows no window reads
+    ((2, 9, 9, 3), (3, 3), (2, 2), ((0, 0), (0, 0))),   # no padding: the last row/column unread
 ]
 
 
