@@ -20,6 +20,10 @@ DN = ("NHWC", "HWIO", "NHWC")
     ((2, 9, 9, 4), (1, 1, 4, 6), (2, 2), "VALID"),              # 1x1 as slice + matmul
     ((2, 8, 8, 4), (1, 1, 4, 6), (1, 1), "VALID"),              # 1x1, stride 1
     ((2, 9, 7, 4), (3, 3, 4, 6), (2, 1), "SAME"),               # string padding, large map
+    # Strided, large map: the polyphase input gradient.
+    ((2, 12, 12, 4), (3, 3, 4, 6), (2, 2), ((1, 1), (1, 1))),   # ResNet's 3x3 downsample
+    ((1, 17, 16, 3), (7, 7, 3, 5), (2, 2), ((3, 3), (3, 3))),   # ResNet's stem, odd height
+    ((2, 13, 11, 2), (2, 3, 2, 3), (3, 2), ((0, 1), (2, 0))),         # stride > kernel: unread rows
 ])
 def test_matches_lax_conv_and_its_gradients(shape, kernel, stride, pad):
   x = jax.random.normal(jax.random.PRNGKey(0), shape)
