@@ -9,13 +9,14 @@ pretrained model) and the method's diagnostics, to measure what a logged step co
 
 Prints one JSON line per (model, size, method). The step is the trainer's own per-device step
 (`train.make_train_step`) compiled for one device of the default backend, batch 32, SGD momentum.
-All runners are compiled first, then timed in alternating rounds (--rounds) and reported as
-medians, so ratios between them are not skewed by load that comes and goes. Where torch is
-installed, the same model and batch in eager PyTorch runs on the same kind of device (CUDA when JAX
-runs on a GPU, with TF32 allowed as JAX allows it by default there), in a process of its own
-(benchmarks/torch_reference.py) timed in the same alternating rounds. Host BLAS is
-single-threaded, as in the trainer (`host.single_threaded_blas`), and glibc malloc uses huge
-pages, as in the command line (`host.malloc_on_huge_pages`; the PyTorch process inherits it).
+All runners are compiled first, then timed in rounds (--rounds) that take them in turn; a step
+time is the median of the rounds' medians, and a ratio the median of the rounds' ratios, so that
+load that comes and goes does not skew it. Where torch is installed, the same model and batch in
+eager PyTorch runs on the same kind of device (CUDA when JAX runs on a GPU, with TF32 allowed as
+JAX allows it by default there), in a process of its own (benchmarks/torch_reference.py) timed in
+the same rounds. Host BLAS is single-threaded, as in the trainer (`host.single_threaded_blas`),
+and glibc malloc uses huge pages, as in the command line (`host.malloc_on_huge_pages`; the
+PyTorch process inherits it).
 """
 
 from __future__ import annotations
@@ -107,14 +108,22 @@ def torch_runner(model_name, size, batch):
 
 
 def time_interleaved(runners: dict, steps: int, rounds: int) -> dict:
-  """Median seconds per step of each runner, timed in alternating rounds so that load from other
-  processes on a shared machine falls on every runner alike."""
+  """Per runner, the median seconds per step of each round. Rounds run the runners in turn, in
+  alternating order (ABBA), so that load from other processes on a shared machine, and its
+  drift, fall on every runner alike."""
   times = {k: [] for k in runners}
   per_round = max(1, -(-steps // rounds))
-  for _ in range(rounds):
-    for k, run in runners.items():
-      times[k] += run(per_round)
-  return {k: float(np.median(v)) for k, v in times.items()}
+  order = list(runners)
+  for r in range(rounds):
+    for k in (order if r % 2 == 0 else order[::-1]):
+      times[k].append(float(np.median(runners[k](per_round))))
+  return times
+
+
+def paired_ratio(rounds_a: list, rounds_b: list) -> float:
+  """Median over rounds of a's step time over b's in the same round: the ratio with the load
+  that varies from round to round divided out."""
+  return float(np.median(np.asarray(rounds_a) / np.asarray(rounds_b)))
 
 
 @host.single_threaded_blas()
@@ -140,20 +149,20 @@ def main():
       made = torch_runner(model_name, size, args.batch)
       if made is not None:
         runners["torch"], torch_device = made
-    step_s = time_interleaved(runners, args.steps, args.rounds)
-    base = step_s[method_specs[0]]
+    rounds_s = time_interleaved(runners, args.steps, args.rounds)
+    first = rounds_s[method_specs[0]]
     for method_spec in method_specs:
-      s = step_s[method_spec]
+      s = float(np.median(rounds_s[method_spec]))
       row = {"model": model_name, "size": size, "method": method_spec, "batch": args.batch,
              "compile_s": round(compile_s[method_spec], 2), "step_s": round(s, 4),
              "images_per_s": round(args.batch / s, 1), "devices": jax.device_count(),
              "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind}
-      if method_spec == method_specs[0] and "torch" in step_s:
+      if method_spec == method_specs[0] and "torch" in rounds_s:
         row["torch_device"] = torch_device
-        row["torch_step_s"] = round(step_s["torch"], 4)
-        row["ratio_ours_over_torch"] = round(s / step_s["torch"], 3)
+        row["torch_step_s"] = round(float(np.median(rounds_s["torch"])), 4)
+        row["ratio_ours_over_torch"] = round(paired_ratio(first, rounds_s["torch"]), 3)
       if method_spec != method_specs[0]:
-        row["ratio_over_first_method"] = round(s / base, 3)
+        row["ratio_over_first_method"] = round(paired_ratio(rounds_s[method_spec], first), 3)
       print(json.dumps(row), flush=True)
 
 
