@@ -23,7 +23,7 @@ DN = ("NHWC", "HWIO", "NHWC")
     # Strided, large map: the polyphase input gradient.
     ((2, 12, 12, 4), (3, 3, 4, 6), (2, 2), ((1, 1), (1, 1))),   # ResNet's 3x3 downsample
     ((1, 17, 16, 3), (7, 7, 3, 5), (2, 2), ((3, 3), (3, 3))),   # ResNet's stem, odd height
-    ((2, 13, 11, 2), (2, 3, 2, 3), (3, 2), ((0, 1), (2, 0))),         # stride > kernel: unread rows
+    ((2, 13, 11, 2), (2, 3, 2, 3), (3, 2), ((0, 1), (2, 0))),   # stride > kernel: unread rows
 ])
 def test_matches_lax_conv_and_its_gradients(shape, kernel, stride, pad):
   x = jax.random.normal(jax.random.PRNGKey(0), shape)

@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from repsim_jax.models import phases
+
 
 def _out_size(n: int, k: int, s: int, lo: int, hi: int) -> int:
   return (n + lo + hi - k) // s + 1
@@ -75,38 +77,23 @@ def _max_pool_fwd(x, window, strides, padding, in_hw):
   return _forward(x, window, strides, padding)  # (output, residual: the first-maximum index)
 
 
-def _shift(a, d, n, axis):
-  """b[..., i, ...] = a[..., i + d, ...] for i < n along `axis`, zero where that is outside a."""
-  cfg = [(0, 0, 0)] * a.ndim
-  cfg[axis] = (-d, n - a.shape[axis] + d, 0)  # negative padding crops
-  return lax.pad(a, jnp.zeros((), a.dtype), cfg)
-
-
 def _max_pool_bwd(window, strides, padding, in_hw, first, g):
-  """Polyphase: input rows h = s·a + p (one phase p per stride offset) get their gradient from
-  the outputs a + (p + pad_lo - i) / s, for the window rows i where that divides; likewise for
-  columns. Each phase is a sum of ⌈k/s⌉² shifted selects of g, and the phases interleave back
-  by a reshape, so each input gradient is written once (no scatter, no re-read of the input)."""
-  (kh, kw), (sh, sw), ((pt, _), (pl, _)), (h, w) = window, strides, padding, in_hw
-  n, ho, wo, c = g.shape
-  na, nb = -(-h // sh), -(-w // sw)
+  """Each stride phase of the input sums the output gradients whose first maximum it was
+  (`phases`), reading only the stored index and g."""
+  (kh, kw), (sh, sw), ((pt, _), (pl, _)) = window, strides, padding
+  n, _, _, c = g.shape
+  na, nb = phases.counts(in_hw, strides)
   zero = jnp.zeros((), g.dtype)
-  rows = []
-  for p in range(sh):
-    cols = []
-    for q in range(sw):
-      acc = jnp.zeros((n, na, nb, c), g.dtype)
-      for i in range(kh):
-        for j in range(kw):
-          if (p + pt - i) % sh or (q + pl - j) % sw:
-            continue
-          term = jnp.where(first == i * kw + j, g, zero)
-          term = _shift(_shift(term, (p + pt - i) // sh, na, 1), (q + pl - j) // sw, nb, 2)
-          acc = acc + term
-      cols.append(acc)
-    rows.append(jnp.stack(cols, axis=3))  # (N, A, B, sw, C)
-  grad = jnp.stack(rows, axis=2).reshape(n, na * sh, nb * sw, c)  # (N, A, sh, B, sw, C)
-  return (grad[:, :h, :w, :],)
+
+  def phase(p, q):
+    acc = jnp.zeros((n, na, nb, c), g.dtype)
+    for i, di in phases.taps(kh, sh, pt, p):
+      for j, dj in phases.taps(kw, sw, pl, q):
+        term = jnp.where(first == i * kw + j, g, zero)
+        acc = acc + phases.shift(phases.shift(term, di, na, 1), dj, nb, 2)
+    return acc
+
+  return (phases.interleave([[phase(p, q) for q in range(sw)] for p in range(sh)], in_hw),)
 
 
 _max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)

@@ -13,9 +13,9 @@ Q is the projection vector transport, the usual choice for momentum methods on S
 
 The polar retraction runs Newton–Schulz iterations (matrix products only, one for an
 optimiser-sized step): a standalone 512 × 512 momentum-SGD update takes 4.1 ms on 2 CPU cores
-against 6.8 ms with the default Cholesky-QR. Inside a jitted train step on CPU QR is as fast or
-faster (measured on ResNet-18 at 64 px: its single-threaded LAPACK calls overlap other work, the
-iteration's loop does not), so QR stays the default; `polar` was not measured on a GPU.
+against 6.8 ms with the default Cholesky-QR. Inside a jitted ResNet-18 train step on CPU the two
+are within the noise (RepSim covariance / full FT at 64 px, paired rounds: 1.035-1.042 polar,
+1.047-1.049 QR), so QR stays the default; `polar` was not measured on a GPU.
 
 All array functions take a single matrix (..., d_ft, d_pre) batched over any leading axes and are
 jit- and vmap-friendly.
