@@ -37,20 +37,21 @@ def _np_orth_err(q):
 # ----------------------------------------------------------------------------- projection
 
 
-def test_project_tangent_is_tangent_idempotent_and_matches_numpy(x64):
+@pytest.mark.parametrize("n,p", [(7, 4), (5, 5)])  # square Q takes the (G − Q Gᵀ Q)/2 form
+def test_project_tangent_is_tangent_idempotent_and_matches_numpy(x64, n, p):
   rng = np.random.default_rng(0)
-  q = _rand_stiefel(rng, 7, 4)
-  g = rng.standard_normal((7, 4))
+  q = _rand_stiefel(rng, n, p)
+  g = rng.standard_normal((n, p))
   v = np.asarray(st.project_tangent(jnp.asarray(q), jnp.asarray(g)))
   np.testing.assert_allclose(v, _np_project(q, g), atol=1e-13)
   np.testing.assert_allclose(q.T @ v + v.T @ q, 0.0, atol=1e-13)  # tangency
   v2 = np.asarray(st.project_tangent(q, v))
   np.testing.assert_allclose(v2, v, atol=1e-13)  # idempotent
   # The normal space at Q is {Q S : S symmetric}; it projects to zero.
-  s = rng.standard_normal((4, 4))
+  s = rng.standard_normal((p, p))
   np.testing.assert_allclose(st.project_tangent(q, q @ (s + s.T)), 0.0, atol=1e-12)
   # Orthogonal projection: the residual G − V is orthogonal to every tangent vector.
-  w = _np_project(q, rng.standard_normal((7, 4)))
+  w = _np_project(q, rng.standard_normal((n, p)))
   assert abs(np.sum((g - v) * w)) < 1e-12
 
 
@@ -270,7 +271,8 @@ def _loop(tx, q0, grad_fn, steps):
 
 
 @pytest.mark.parametrize("method,shape", [("qr", (16, 6)), ("cayley", (16, 6)),
-                                          ("cayley", (8, 8)), ("polar", (16, 6))])
+                                          ("cayley", (8, 8)), ("polar", (16, 6)),
+                                          ("polar", (8, 8))])
 def test_float32_stays_on_manifold_for_10000_steps(method, shape):
   # Random (non-vanishing) gradients: the harshest case for accumulated roundoff.
   key = jax.random.key(0)

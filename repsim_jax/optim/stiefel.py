@@ -11,11 +11,12 @@ trains with any optax optimiser. The recipe (Absil, Mahony & Sepulchre 2008, ch.
 so ``optax.apply_updates`` lands on the manifold. Projecting the previous momentum at the current
 Q is the projection vector transport, the usual choice for momentum methods on St.
 
-The polar retraction runs Newton–Schulz iterations (matrix products only, one for an
-optimiser-sized step): a standalone 512 × 512 momentum-SGD update takes 4.1 ms on 2 CPU cores
-against 6.8 ms with the default Cholesky-QR. Inside a jitted ResNet-18 train step on CPU the two
-are within the noise (RepSim covariance / full FT at 64 px, paired rounds: 1.035-1.042 polar,
-1.047-1.049 QR), so QR stays the default; `polar` was not measured on a GPU.
+The polar retraction runs Newton–Schulz iterations (matrix products only, one or two for an
+optimiser-sized step): a 512 × 512 momentum-SGD update with small steps takes 4.0 ms on 2 CPU
+cores against 7.2 ms with Cholesky-QR (`benchmarks/stiefel.py --d-ft 512 --d-pre 512 --lr 1e-5`),
+so RepSim's config uses it; a step too large for Newton–Schulz falls back to an eigh (2048 × 2048
+at the benchmark's default lr: ~1 s against QR's 0.34 s), which is why QR stays these functions'
+default. For square Q every product contracts over columns (see `_square`).
 
 All array functions take a single matrix (..., d_ft, d_pre) batched over any leading axes and are
 jit- and vmap-friendly.
@@ -82,6 +83,13 @@ def _sym(a: jax.Array) -> jax.Array:
   return 0.5 * (a + _mT(a))
 
 
+def _square(x: jax.Array) -> bool:
+  """Square Q (d_ft = d_pre): QQᵀ = I too, so products can contract over columns (A Bᵀ), which
+  XLA:CPU runs as they are; for a product over rows (Aᵀ B) it first copies Aᵀ (~0.25 of the
+  0.8 ms a 512² product takes on 2 cores)."""
+  return x.shape[-2] == x.shape[-1]
+
+
 def _compute_dtype(dtype) -> jnp.dtype:
   # LAPACK-style factorisations need float32 at least (no bf16/f16 QR or SVD).
   return jnp.promote_types(dtype, jnp.float32)
@@ -103,6 +111,8 @@ def project_tangent(q: jax.Array, g: jax.Array) -> jax.Array:
   _check_stiefel_shape(q, "q")
   if jnp.shape(g) != jnp.shape(q):
     raise ValueError(f"g: expected the shape of q {jnp.shape(q)}, got {jnp.shape(g)}")
+  if _square(q):  # = (G − Q Gᵀ Q)/2 when QQᵀ = I
+    return 0.5 * (g - _mm(_mm(q, _mT(g)), q))
   return g - _mm(q, _sym(_mm(_mT(q), g)))
 
 
@@ -139,14 +149,16 @@ def _polar_svd(m: jax.Array) -> jax.Array:
 
 
 def _polar_eigh(m: jax.Array, gram: jax.Array) -> jax.Array:
-  """Polar factor M (MᵀM)^(-1/2) (= U Vᵀ of the thin SVD of M) through eigh of its p × p Gram MᵀM.
+  """Polar factor M (MᵀM)^(-1/2) (= U Vᵀ of the thin SVD of M) through eigh of its p × p Gram MᵀM
+  (for square M, of MMᵀ: `_gram_deviation`'s side, then (MMᵀ)^(-1/2) M).
 
   Used instead of an SVD of M because there all singular values cluster at 1, the case where
   LAPACK's divide-and-conquer SVD (JAX's CPU default) can fail and return NaN (seen on a
   2048 × 2048 float32 step); eigh is robust.
   """
   w, u = jnp.linalg.eigh(gram)
-  y = _mm(m, _mm(u * jax.lax.rsqrt(w)[..., None, :], _mT(u)))
+  inv_sqrt = _mm(u * jax.lax.rsqrt(w)[..., None, :], _mT(u))
+  y = _mm(inv_sqrt, m) if _square(m) else _mm(m, inv_sqrt)
   # rsqrt of float32 eigenvalues leaves ~1e-6 off the manifold; one Newton–Schulz step (identity
   # on the manifold) squares that deviation, as in the Cayley retraction.
   return _newton_schulz(y)
@@ -222,13 +234,15 @@ def _retract_cayley(q: jax.Array, v: jax.Array) -> jax.Array:
 
 
 def _gram_deviation(y: jax.Array) -> jax.Array:
-  """E = YᵀY − I, symmetrised."""
-  return _sym(_mm(_mT(y), y)) - jnp.eye(y.shape[-1], dtype=y.dtype)
+  """E = YᵀY − I, symmetrised; YYᵀ − I for square Y (same eigenvalues, see `_square`)."""
+  gram = _mm(y, _mT(y)) if _square(y) else _mm(_mT(y), y)
+  return _sym(gram) - jnp.eye(y.shape[-1], dtype=y.dtype)
 
 
 def _newton_schulz_step(y: jax.Array, e: jax.Array) -> jax.Array:
-  """Y (3I − YᵀY)/2 = Y (I − E/2) for E = `_gram_deviation(y)`."""
-  return y - 0.5 * _mm(y, e)
+  """Y (3I − YᵀY)/2 = Y (I − E/2) for E = `_gram_deviation(y)`; (I − E/2) Y for square Y, the
+  same matrix since Y YᵀY = YYᵀ Y."""
+  return y - 0.5 * (_mm(e, y) if _square(y) else _mm(y, e))
 
 
 def _newton_schulz(y: jax.Array) -> jax.Array:
