@@ -11,7 +11,9 @@ Prints one JSON line per (model, size, method). The step is the trainer's own pe
 (`train.make_train_step`) compiled for one device of the default backend, batch 32, SGD momentum.
 All runners are compiled first, then timed in rounds (--rounds) that take them in turn; a step
 time is the median of the rounds' medians, and a ratio the median of the rounds' ratios, so that
-load that comes and goes does not skew it. Where torch is installed, the same model and batch in
+load that comes and goes does not skew it. `..._fastest` ratios divide the fastest step of each:
+on a shared machine other processes only ever add time, so that is the figure least touched by
+them (timeit's advice for noisy machines). Where torch is installed, the same model and batch in
 eager PyTorch runs on the same kind of device (CUDA when JAX runs on a GPU, with TF32 allowed as
 JAX allows it by default there), in a process of its own (benchmarks/torch_reference.py) timed in
 the same rounds. Host BLAS is single-threaded, as in the trainer (`host.single_threaded_blas`),
@@ -108,22 +110,22 @@ def torch_runner(model_name, size, batch):
 
 
 def time_interleaved(runners: dict, steps: int, rounds: int) -> dict:
-  """Per runner, the median seconds per step of each round. Rounds run the runners in turn, in
-  alternating order (ABBA), so that load from other processes on a shared machine, and its
-  drift, fall on every runner alike."""
+  """Per runner, a (rounds, steps per round) array of seconds per step. Rounds run the runners in
+  turn, in alternating order (ABBA), so that load from other processes on a shared machine, and
+  its drift, fall on every runner alike."""
   times = {k: [] for k in runners}
   per_round = max(1, -(-steps // rounds))
   order = list(runners)
   for r in range(rounds):
     for k in (order if r % 2 == 0 else order[::-1]):
-      times[k].append(float(np.median(runners[k](per_round))))
-  return times
+      times[k].append(runners[k](per_round))
+  return {k: np.asarray(v, np.float64) for k, v in times.items()}
 
 
-def paired_ratio(rounds_a: list, rounds_b: list) -> float:
-  """Median over rounds of a's step time over b's in the same round: the ratio with the load
-  that varies from round to round divided out."""
-  return float(np.median(np.asarray(rounds_a) / np.asarray(rounds_b)))
+def paired_ratio(rounds_a: np.ndarray, rounds_b: np.ndarray) -> float:
+  """Median over rounds of a's median step time over b's in the same round: the ratio with the
+  load that varies from round to round divided out."""
+  return float(np.median(np.median(rounds_a, 1) / np.median(rounds_b, 1)))
 
 
 @host.single_threaded_blas()
@@ -152,17 +154,19 @@ def main():
     rounds_s = time_interleaved(runners, args.steps, args.rounds)
     first = rounds_s[method_specs[0]]
     for method_spec in method_specs:
-      s = float(np.median(rounds_s[method_spec]))
+      s = float(np.median(np.median(rounds_s[method_spec], 1)))
       row = {"model": model_name, "size": size, "method": method_spec, "batch": args.batch,
              "compile_s": round(compile_s[method_spec], 2), "step_s": round(s, 4),
              "images_per_s": round(args.batch / s, 1), "devices": jax.device_count(),
              "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind}
       if method_spec == method_specs[0] and "torch" in rounds_s:
         row["torch_device"] = torch_device
-        row["torch_step_s"] = round(float(np.median(rounds_s["torch"])), 4)
+        row["torch_step_s"] = round(float(np.median(np.median(rounds_s["torch"], 1))), 4)
         row["ratio_ours_over_torch"] = round(paired_ratio(first, rounds_s["torch"]), 3)
+        row["ratio_ours_over_torch_fastest"] = round(first.min() / rounds_s["torch"].min(), 3)
       if method_spec != method_specs[0]:
         row["ratio_over_first_method"] = round(paired_ratio(rounds_s[method_spec], first), 3)
+        row["ratio_over_first_method_fastest"] = round(rounds_s[method_spec].min() / first.min(), 3)
       print(json.dumps(row), flush=True)
 
 
