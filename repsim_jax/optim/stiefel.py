@@ -16,7 +16,8 @@ optimiser-sized step): a 512 × 512 momentum-SGD update with small steps takes 4
 cores against 7.2 ms with Cholesky-QR (`benchmarks/stiefel.py --d-ft 512 --d-pre 512 --lr 1e-5`),
 so RepSim's config uses it; a step too large for Newton–Schulz falls back to an eigh (2048 × 2048
 at the benchmark's default lr: ~1 s against QR's 0.34 s), which is why QR stays these functions'
-default. For square Q every product contracts over columns (see `_square`).
+default. For square Q the projection's and Newton–Schulz's products contract over columns only
+(see `_square`).
 
 All array functions take a single matrix (..., d_ft, d_pre) batched over any leading axes and are
 jit- and vmap-friendly.
@@ -85,8 +86,8 @@ def _sym(a: jax.Array) -> jax.Array:
 
 def _square(x: jax.Array) -> bool:
   """Square Q (d_ft = d_pre): QQᵀ = I too, so products can contract over columns (A Bᵀ), which
-  XLA:CPU runs as they are; for a product over rows (Aᵀ B) it first copies Aᵀ (~0.25 of the
-  0.8 ms a 512² product takes on 2 cores)."""
+  XLA:CPU runs as they are; for a product over rows (Aᵀ B) it first copies Aᵀ, ~0.25 ms on top
+  of the 0.8 ms a 512² product takes on 2 cores."""
   return x.shape[-2] == x.shape[-1]
 
 
