@@ -122,6 +122,11 @@ def time_interleaved(runners: dict, steps: int, rounds: int) -> dict:
   return {k: np.asarray(v, np.float64) for k, v in times.items()}
 
 
+def step_time(rounds: np.ndarray) -> float:
+  """The median over rounds of each round's median step time."""
+  return float(np.median(np.median(rounds, 1)))
+
+
 def paired_ratio(rounds_a: np.ndarray, rounds_b: np.ndarray) -> float:
   """Median over rounds of a's median step time over b's in the same round: the ratio with the
   load that varies from round to round divided out."""
@@ -154,14 +159,14 @@ def main():
     rounds_s = time_interleaved(runners, args.steps, args.rounds)
     first = rounds_s[method_specs[0]]
     for method_spec in method_specs:
-      s = float(np.median(np.median(rounds_s[method_spec], 1)))
+      s = step_time(rounds_s[method_spec])
       row = {"model": model_name, "size": size, "method": method_spec, "batch": args.batch,
              "compile_s": round(compile_s[method_spec], 2), "step_s": round(s, 4),
              "images_per_s": round(args.batch / s, 1), "devices": jax.device_count(),
              "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind}
       if method_spec == method_specs[0] and "torch" in rounds_s:
         row["torch_device"] = torch_device
-        row["torch_step_s"] = round(float(np.median(np.median(rounds_s["torch"], 1))), 4)
+        row["torch_step_s"] = round(step_time(rounds_s["torch"]), 4)
         row["ratio_ours_over_torch"] = round(paired_ratio(first, rounds_s["torch"]), 3)
         row["ratio_ours_over_torch_fastest"] = round(first.min() / rounds_s["torch"].min(), 3)
       if method_spec != method_specs[0]:
