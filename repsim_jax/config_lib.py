@@ -222,11 +222,7 @@ def method_config(name: str = "full_ft", **overrides) -> ml_collections.ConfigDi
   m.q_optimizer = "sgd"           # sgd | adam (Riemannian, on the Stiefel manifold)
   m.q_lr = 0.1
   m.q_momentum = 0.9
-  # qr | cayley | polar. Polar is matrix products only (one or two Newton–Schulz steps for Q's
-  # small steps): a 512² momentum-SGD update takes 4.0 ms on 2 CPU cores against 7.2 ms for QR's
-  # single-threaded Cholesky and triangular solve
-  # (benchmarks/stiefel.py --d-ft 512 --d-pre 512 --lr 1e-5).
-  m.retraction = "polar"
+  m.retraction = "polar"          # qr | cayley | polar (faster for Q's small steps: optim/stiefel.py)
   m.init_batches = 1              # batches used to initialise Q / C_P
   # L2-SP: ½α‖w − w₀‖² (backbone) + ½β‖w‖² (head); DELTA uses β for its head term too.
   m.alpha = 0.01

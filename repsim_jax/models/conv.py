@@ -132,7 +132,7 @@ def _polyphase_input_grad(g, w, in_hw, strides, padding, precision):
       return jnp.zeros((g.shape[0], na, nb, cin), g.dtype)
     k = jnp.stack([jnp.stack([w[i, j] for j, _ in tj]) for i, _ in ti]).swapaxes(2, 3)
     # Cut/zero-filled to the rows and columns a VALID convolution with len(ti) x len(tj) taps reads.
-    gp = phases.shift(phases.shift(g, ti[0][1], na + len(ti) - 1, 1), tj[0][1], nb + len(tj) - 1, 2)
+    gp = phases.shift(g, (ti[0][1], tj[0][1]), (na + len(ti) - 1, nb + len(tj) - 1))
     return _cpu_conv(gp, k, (1, 1), ((0, 0), (0, 0)), precision, weight_grad=False)
 
   return phases.interleave([[phase(p, q) for q in range(sw)] for p in range(sh)], in_hw)

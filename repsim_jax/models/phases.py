@@ -24,11 +24,12 @@ def taps(k: int, s: int, pad_lo: int, p: int) -> list[tuple[int, int]]:
   return [(i, (p + pad_lo - i) // s) for i in reversed(range(k)) if (p + pad_lo - i) % s == 0]
 
 
-def shift(a: jax.Array, d: int, n: int, axis: int) -> jax.Array:
-  """b[..., i, ...] = a[..., i + d, ...] for i < n along `axis`; zero where that is outside a."""
-  cfg = [(0, 0, 0)] * a.ndim
-  cfg[axis] = (-d, n - a.shape[axis] + d, 0)  # negative padding crops
-  return lax.pad(a, jnp.zeros((), a.dtype), cfg)
+def shift(a: jax.Array, d: tuple[int, int], n: tuple[int, int]) -> jax.Array:
+  """(N, H, W, C) -> b[:, i, j] = a[:, i + d_h, j + d_w] for i < n_h, j < n_w; zero where that is
+  outside a."""
+  # Negative padding crops.
+  cfg = [(0, 0, 0)] + [(-dk, nk - a.shape[k + 1] + dk, 0) for k, (dk, nk) in enumerate(zip(d, n))]
+  return lax.pad(a, jnp.zeros((), a.dtype), cfg + [(0, 0, 0)])
 
 
 def interleave(grads, in_hw) -> jax.Array:

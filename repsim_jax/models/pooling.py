@@ -90,7 +90,7 @@ def _max_pool_bwd(window, strides, padding, in_hw, first, g):
     for i, di in phases.taps(kh, sh, pt, p):
       for j, dj in phases.taps(kw, sw, pl, q):
         term = jnp.where(first == i * kw + j, g, zero)
-        acc = acc + phases.shift(phases.shift(term, di, na, 1), dj, nb, 2)
+        acc = acc + phases.shift(term, (di, dj), (na, nb))
     return acc
 
   return (phases.interleave([[phase(p, q) for q in range(sw)] for p in range(sh)], in_hw),)

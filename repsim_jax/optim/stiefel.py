@@ -149,17 +149,15 @@ def _polar_svd(m: jax.Array) -> jax.Array:
   return _mm(u, vh)
 
 
-def _polar_eigh(m: jax.Array, gram: jax.Array) -> jax.Array:
-  """Polar factor M (MᵀM)^(-1/2) (= U Vᵀ of the thin SVD of M) through eigh of its p × p Gram MᵀM
-  (for square M, of MMᵀ: `_gram_deviation`'s side, then (MMᵀ)^(-1/2) M).
+def _polar_eigh(m: jax.Array) -> jax.Array:
+  """Polar factor M (MᵀM)^(-1/2) (= U Vᵀ of the thin SVD of M) through eigh of its p × p Gram MᵀM.
 
   Used instead of an SVD of M because there all singular values cluster at 1, the case where
   LAPACK's divide-and-conquer SVD (JAX's CPU default) can fail and return NaN (seen on a
   2048 × 2048 float32 step); eigh is robust.
   """
-  w, u = jnp.linalg.eigh(gram)
-  inv_sqrt = _mm(u * jax.lax.rsqrt(w)[..., None, :], _mT(u))
-  y = _mm(inv_sqrt, m) if _square(m) else _mm(m, inv_sqrt)
+  w, u = jnp.linalg.eigh(_sym(_mm(_mT(m), m)))
+  y = _mm(m, _mm(u * jax.lax.rsqrt(w)[..., None, :], _mT(u)))
   # rsqrt of float32 eigenvalues leaves ~1e-6 off the manifold; one Newton–Schulz step (identity
   # on the manifold) squares that deviation, as in the Cayley retraction.
   return _newton_schulz(y)
@@ -201,8 +199,8 @@ def _retract_polar(m: jax.Array) -> jax.Array:
                                  (*step(m, e0, err0), 1))
     return y
 
-  return jax.lax.cond(err0 < _NS_MAX_ERROR, newton_schulz,
-                      lambda: _polar_eigh(m, e0 + jnp.eye(m.shape[-1], dtype=m.dtype)))
+  # The rare fallback forms its own MᵀM (e0 is YYᵀ − I for square Y, see `_gram_deviation`).
+  return jax.lax.cond(err0 < _NS_MAX_ERROR, newton_schulz, lambda: _polar_eigh(m))
 
 
 def _retract_cayley(q: jax.Array, v: jax.Array) -> jax.Array:
