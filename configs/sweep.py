@@ -12,7 +12,7 @@ the runs' results.json: auc, accuracy, f1, ...), scores (a transferability score
 against the ground truth), seed. Every trainer setting applies to every run: `--config.optim.*`,
 `--config.train.*`, `--config.method.*`, `--config.data.*`. More grid axes:
 `--config.sweep.grid='(("method.lam", (0.1, 1.0)),)'` (run names get `__lam0.1`, ...).
-Writes <workdir>/runs/<source>__<target>__lr<lr>/ (ordinary runs), ground_truth.csv
+Writes <workdir>/runs/<source>__<target>__lr<lr>-<identity>/ (ordinary runs), ground_truth.csv
 (`source,target,metric,value`), sweep_runs.csv, and ranking/ when `scores` is given.
 """
 

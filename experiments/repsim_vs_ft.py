@@ -33,8 +33,7 @@ def run_study(workdir: str, seeds, lams, finetune_steps: int = 0, pretrain_steps
     base.pretrain.train.num_steps = pretrain_steps
   if finetune_steps:
     base.finetune.train.num_steps = finetune_steps
-  pre_dir = os.path.join(workdir, "pretrain")
-  default_run._stage(base.pretrain, pre_dir)  # pylint: disable=protected-access
+  pre_dir, _ = default_run.stage(base.pretrain, workdir, "pretrain")
   methods = {"full_ft": config_lib.method_config("full_ft")}
   for lam in lams:
     methods[f"repsim_lam{lam:g}"] = config_lib.method_config("repsim", q_mode="learned", lam=lam)
@@ -46,7 +45,7 @@ def run_study(workdir: str, seeds, lams, finetune_steps: int = 0, pretrain_steps
       f.seed = seed
       f.model.init = pre_dir
       f.method = mcfg
-      res = default_run._stage(f, os.path.join(workdir, "runs", f.name))  # pylint: disable=protected-access
+      _, res = default_run.stage(f, os.path.join(workdir, "runs"), f.name)
       test = res["final"]["test"]
       row = {"method": name, "seed": seed, "accuracy": test["accuracy"], "auc": test["auc"],
              "balanced_accuracy": test["balanced_accuracy"]}

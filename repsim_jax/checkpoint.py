@@ -10,17 +10,31 @@ at any moment leaves the previous checkpoints intact.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import sys
+import time
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
 
+class CorruptCheckpoint(ValueError):
+  """A checkpoint that cannot be read back as it was written."""
+
+
 class Checkpointer:
-  """Saves / restores a run's state under `workdir/checkpoints`."""
+  """Saves / restores a run's state under `workdir/checkpoints`.
+
+  Each save stores a checksum of every array in `meta`, and a restore recomputes them: orbax's
+  own files carry none, so flipped bits would otherwise load silently as wrong weights.
+  """
 
   def __init__(self, workdir: str, *, keep: int = 2):
+    if keep < 1:
+      raise ValueError(f"config.train.keep_checkpoints={keep}: expected >= 1 (a run keeps at "
+                       "least its final checkpoint)")
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=False)
@@ -31,6 +45,7 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, variables, train, meta: dict) -> None:
+    meta = dict(meta, checksums=checksums({"variables": variables, "train": train}))
     self.manager.save(step, args=ocp.args.Composite(
         variables=ocp.args.StandardSave(variables),
         train=ocp.args.StandardSave(train),
@@ -38,18 +53,82 @@ class Checkpointer:
     self.manager.wait_until_finished()
 
   def restore(self, step: int, variables_template, train_template):
-    """Restores into the templates' structure; a different model is a one-line error."""
-    saved = self.manager.item_metadata(step)
-    check_compatible(saved["variables"], variables_template,
-                     f"checkpoint {self.directory}/{step}")
-    out = self.manager.restore(step, args=ocp.args.Composite(
-        variables=ocp.args.StandardRestore(_abstract(variables_template)),
-        train=ocp.args.StandardRestore(_abstract(train_template)),
-        meta=ocp.args.JsonRestore()))
-    return out["variables"], out["train"], out["meta"]
+    """Restores into the templates' structure; a different model is a one-line ValueError, a
+    checkpoint that is unreadable or fails its checksums a `CorruptCheckpoint`."""
+    where = f"checkpoint {self.directory}/{step}"
+    try:
+      saved = self.manager.item_metadata(step)
+      saved_variables = saved["variables"]
+    except Exception as e:  # noqa: BLE001  (orbax raises many types for a broken directory)
+      raise CorruptCheckpoint(f"{where}: unreadable ({_reason(e)})") from None
+    if saved_variables is None:
+      raise CorruptCheckpoint(f"{where}: unreadable (no variables)")
+    check_compatible(saved_variables, variables_template, where)
+    try:
+      out = self.manager.restore(step, args=ocp.args.Composite(
+          variables=ocp.args.StandardRestore(_abstract(variables_template)),
+          train=ocp.args.StandardRestore(_abstract(train_template)),
+          meta=ocp.args.JsonRestore()))
+    except ValueError as e:
+      if "holds a different model" in str(e):
+        raise
+      raise CorruptCheckpoint(f"{where}: unreadable ({_reason(e)})") from None
+    except Exception as e:  # noqa: BLE001
+      raise CorruptCheckpoint(f"{where}: unreadable ({_reason(e)})") from None
+    meta = dict(out["meta"])
+    expected = meta.pop("checksums", None)
+    if expected is None:
+      raise CorruptCheckpoint(f"{where}: no checksums (written by an older repsim_jax)")
+    got = checksums({"variables": out["variables"], "train": out["train"]})
+    bad = sorted(k for k in set(expected) | set(got) if expected.get(k) != got.get(k))
+    if bad:
+      raise CorruptCheckpoint(f"{where}: checksum mismatch in {bad[0]}"
+                              + (f" and {len(bad) - 1} more arrays" if len(bad) > 1 else ""))
+    return out["variables"], out["train"], meta
+
+  def restore_latest(self, variables_template, train_template):
+    """(step, variables, train, meta) of the newest checkpoint that reads back intact, or None.
+
+    A corrupt, truncated or half-deleted newer checkpoint is moved to `checkpoints_corrupt/`
+    with one warning line, so the run resumes from the one before and later saves of that step
+    do not collide with it.
+    """
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        return (step, *self.restore(step, variables_template, train_template))
+      except CorruptCheckpoint as e:
+        moved = self._quarantine(step)
+        print(f"warning: {e}; moved to {moved}, trying the one before", file=sys.stderr,
+              flush=True)
+    return None
+
+  def _quarantine(self, step: int) -> str:
+    dest_dir = os.path.join(os.path.dirname(self.directory), "checkpoints_corrupt")
+    os.makedirs(dest_dir, exist_ok=True)
+    dest = os.path.join(dest_dir, f"{step}-{int(time.time())}")
+    os.replace(os.path.join(self.directory, str(step)), dest)
+    self.manager.reload()
+    return dest
 
   def close(self) -> None:
     self.manager.close()
+
+
+def _reason(e: Exception) -> str:
+  lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+  return (lines[0][:200] if lines else type(e).__name__)
+
+
+def checksums(tree) -> dict[str, str]:
+  """{array path: blake2b of its dtype, shape and bytes}: what a restore must reproduce."""
+  from repsim_jax.optim.optimizers import path_str
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    a = np.ascontiguousarray(np.asarray(leaf))
+    h = hashlib.blake2b(f"{a.dtype.str}{a.shape}".encode(), digest_size=12)
+    h.update(a.view(np.uint8).reshape(-1) if a.size else b"")
+    out[path_str(path)] = h.hexdigest()
+  return out
 
 
 def _handlers():
@@ -84,17 +163,41 @@ def check_compatible(saved, expected, where: str, *, ignore: str | None = None) 
 
 
 def load_run_variables(workdir: str, step: int | None = None) -> dict:
-  """The model variables a run saved (latest step unless given), as NumPy."""
+  """The model variables a run saved (latest intact step unless given), as NumPy, checksummed."""
   ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
   if not os.path.isdir(ckpt_dir):
     raise FileNotFoundError(f"{workdir}: no checkpoints/ directory (expected a repsim_jax run)")
   mngr = ocp.CheckpointManager(ckpt_dir, item_handlers=_handlers())
-  step = mngr.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"{ckpt_dir}: no finished checkpoint")
-  out = mngr.restore(step, args=ocp.args.Composite(variables=ocp.args.StandardRestore()))
-  mngr.close()
-  return jax.tree.map(np.asarray, dict(out["variables"]))
+  try:
+    steps = sorted(mngr.all_steps(), reverse=True) if step is None else [step]
+    if not steps:
+      raise FileNotFoundError(f"{ckpt_dir}: no finished checkpoint")
+    for s in steps:
+      try:
+        return _restore_variables(mngr, s, f"checkpoint {ckpt_dir}/{s}")
+      except CorruptCheckpoint as e:
+        if step is not None or s == steps[-1]:
+          raise
+        print(f"warning: {e}; reading the one before", file=sys.stderr, flush=True)
+  finally:
+    mngr.close()
+
+
+def _restore_variables(mngr, step: int, where: str) -> dict:
+  try:
+    out = mngr.restore(step, args=ocp.args.Composite(variables=ocp.args.StandardRestore(),
+                                                     meta=ocp.args.JsonRestore()))
+  except Exception as e:  # noqa: BLE001
+    raise CorruptCheckpoint(f"{where}: unreadable ({_reason(e)})") from None
+  variables = jax.tree.map(np.asarray, dict(out["variables"]))
+  expected = (out["meta"] or {}).get("checksums")
+  if expected is None:
+    raise CorruptCheckpoint(f"{where}: no checksums (written by an older repsim_jax)")
+  got = checksums({"variables": variables})
+  bad = sorted(k for k in got if expected.get(k) != got[k])
+  if bad or len(got) != sum(k.startswith("variables/") for k in expected):
+    raise CorruptCheckpoint(f"{where}: checksum mismatch in {bad[0] if bad else 'variables'}")
+  return variables
 
 
 def load_pretrained(path: str, model_name: str, **model_kwargs) -> dict:

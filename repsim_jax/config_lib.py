@@ -78,6 +78,15 @@ def check_positive(config: ml_collections.ConfigDict, *keys: str) -> None:
       raise ValueError(f"config.{key}={value!r}: expected a positive number")
 
 
+def check_non_negative(config: ml_collections.ConfigDict, *keys: str) -> None:
+  for key in keys:
+    value = config
+    for part in key.split("."):
+      value = value[part]
+    if value < 0:
+      raise ValueError(f"config.{key}={value!r}: expected 0 or a positive number")
+
+
 def atomic_write_text(path: str, text: str) -> None:
   """Writes then renames, so a reader never sees half a file and a crash never corrupts one."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -175,7 +184,10 @@ def train_config() -> ml_collections.ConfigDict:
   c.train.eval_every = 0          # 0 = only at the end
   c.train.eval_splits = ("val", "test")
   c.train.checkpoint_every = 200
-  c.train.keep_checkpoints = 2
+  c.train.keep_checkpoints = 2    # >= 1: the final checkpoint is always kept
+  # A step with a NaN/Inf loss, gradient, parameter or BatchNorm statistic stops the run (no bad
+  # state is ever checkpointed); True: drop that step's update instead and count it.
+  c.train.skip_nonfinite_steps = False
   c.train.tensorboard = True
 
   c.analysis = ml_collections.ConfigDict()

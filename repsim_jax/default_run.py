@@ -1,8 +1,9 @@
 """The embedded default job: pretrain on a synthetic source, fine-tune on a synthetic target with
 each configured method, and report the target metrics side by side (results.json + a plot).
 
-Each stage is an ordinary training run in its own sub-directory, so re-running the command
-resumes whichever stage was interrupted and skips finished ones.
+Each stage is an ordinary training run in a sub-directory named by its identity
+(`<stage>-<hash>`, see `repsim_jax.runs`), so re-running the command resumes whichever stage was
+interrupted, skips finished ones, and re-runs only the stages whose config changed.
 """
 
 from __future__ import annotations
@@ -13,50 +14,44 @@ import os
 
 import jax
 
-from repsim_jax import config_lib, train
+from repsim_jax import config_lib, runs, train
 
 REPORT_KEYS = ("accuracy", "balanced_accuracy", "auc", "f1")
 
 
-def _finished(workdir: str):
-  path = os.path.join(workdir, "results.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      return json.load(f)
-  return None
-
-
-def _stage(cfg, workdir):
-  done = _finished(workdir)
-  if done is not None:
-    print(f"[{cfg.name}] already finished: {workdir}/results.json", flush=True)
-    return done
-  out = train.train_and_evaluate(cfg, workdir)
-  return {k: v for k, v in out.items() if k not in ("state", "dp")}
+def stage(cfg, parent: str, name: str) -> tuple[str, dict]:
+  """Trains (or resumes, or reads back) one stage in `<parent>/<name>-<identity>`; returns the
+  directory and its results. `<parent>/<name>` links to the stage directory of the latest call,
+  so commands that name a stage (analysis) keep working when its config changes."""
+  run_dir = runs.run_dir(parent, name, cfg)
+  results = train.train_and_evaluate(cfg, run_dir)
+  if jax.process_index() == 0:
+    runs.link(os.path.join(parent, name), run_dir)
+  return run_dir, results
 
 
 def run(config, workdir: str) -> dict:
-  pre_dir = os.path.join(workdir, "pretrain")
-  pretrain = _stage(config.pretrain, pre_dir)
-  rows = {}
-  for key, method_cfg in config.methods.items():
-    f = copy.deepcopy(config.finetune)
-    with f.unlocked():
-      f.name = f"finetune_{key}"
-      f.model.init = pre_dir
-      f.method = copy.deepcopy(method_cfg)
-    res = _stage(f, os.path.join(workdir, f"finetune_{key}"))
-    cka = res.get("similarity", {}).get("linear_cka", {})
-    rows[key] = {"test": {k: res["final"]["test"][k] for k in REPORT_KEYS
-                          if k in res["final"]["test"]},
-                 "extra": {f"cka_{layer}": v for layer, v in cka.items()}}
-  summary = {"pretrain_val": pretrain["final"].get("val", {}), "methods": rows}
-  if jax.process_index() == 0:
-    config_lib.atomic_write_text(os.path.join(workdir, "results.json"),
-                                 json.dumps(summary, indent=2) + "\n")
-    plot(rows, os.path.join(workdir, "results.png"))
-    print(table(rows), flush=True)
-    print(f"results: {workdir}/results.json, {workdir}/results.png", flush=True)
+  with runs.exclusive(workdir):
+    pre_dir, pretrain = stage(config.pretrain, workdir, "pretrain")
+    rows = {}
+    for key, method_cfg in config.methods.items():
+      f = copy.deepcopy(config.finetune)
+      with f.unlocked():
+        f.name = f"finetune_{key}"
+        f.model.init = pre_dir
+        f.method = copy.deepcopy(method_cfg)
+      _, res = stage(f, workdir, f"finetune_{key}")
+      cka = res.get("similarity", {}).get("linear_cka", {})
+      rows[key] = {"test": {k: res["final"]["test"][k] for k in REPORT_KEYS
+                            if k in res["final"]["test"]},
+                   "extra": {f"cka_{layer}": v for layer, v in cka.items()}}
+    summary = {"pretrain_val": pretrain["final"].get("val", {}), "methods": rows}
+    if jax.process_index() == 0:
+      config_lib.atomic_write_text(os.path.join(workdir, "results.json"),
+                                   json.dumps(summary, indent=2) + "\n")
+      plot(rows, os.path.join(workdir, "results.png"))
+      print(table(rows), flush=True)
+      print(f"results: {workdir}/results.json, {workdir}/results.png", flush=True)
   return summary
 
 

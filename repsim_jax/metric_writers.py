@@ -10,22 +10,29 @@ import time
 
 import jax
 
+from repsim_jax.config_lib import atomic_write_text
+
 
 class MetricWriter:
   """Appends `{"step": s, "split": ..., name: value}` lines and TensorBoard scalars.
 
   Only process 0 writes, so a multi-host run produces one set of files.
+  A run resumed at `resume_step` first drops the rows (and TensorBoard events) of steps after
+  it, which the interrupted segment wrote and this one writes again: each (step, split) once.
   """
 
-  def __init__(self, workdir: str, *, tensorboard: bool = True):
+  def __init__(self, workdir: str, *, tensorboard: bool = True, resume_step: int = 0):
     self.enabled = jax.process_index() == 0
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._tb = None
     if self.enabled:
       os.makedirs(workdir, exist_ok=True)
+      if os.path.exists(self.path):
+        kept = [r for r in read_metrics(workdir) if r["step"] <= resume_step]
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
       if tensorboard:
         from tensorboardX import SummaryWriter  # TensorBoard files without TensorFlow.
-        self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+        self._tb = SummaryWriter(os.path.join(workdir, "tb"), purge_step=resume_step + 1)
 
   def write(self, step: int, split: str, metrics: dict) -> None:
     if not self.enabled:

@@ -105,10 +105,16 @@ class DataParallel:
 
   # -- data movement --------------------------------------------------------------------------
   def put_replicated(self, tree):
-    """Host pytree -> replicated on every device, in the backend's layout."""
+    """Host pytree -> replicated on every device, in the backend's layout.
+
+    Every leaf gets buffers of its own, even a leaf that already is a device array or appears
+    twice in `tree` (the trained parameters and the frozen pretrained copy start as the same
+    arrays): the train state is donated to each step, and donating a buffer that another leaf or
+    the caller still holds deletes it under them.
+    """
     if self.backend == "shard_map":
       if jax.process_count() == 1:
-        return jax.device_put(tree, self.replicated)
+        return jax.device_put(tree, self.replicated, may_alias=False)
       return jax.tree.map(
           lambda x: jax.make_array_from_callback(np.shape(x), self.replicated, lambda _: np.asarray(x)),
           tree)

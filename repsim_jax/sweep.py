@@ -6,8 +6,9 @@ targets=dermamnist+breastmnist,lrs=1e-3+1e-2,epochs=10,scores=runs/transfer/scor
 
 The config is an ordinary train config (every `--config.*` of the trainer applies to every run)
 plus `config.sweep`. Each grid point is a plain `train.train_and_evaluate` in
-`<workdir>/runs/<source>__<target>__lr<lr>[__<key><value>...]`: a run with a results.json is
-finished and is read back, an unfinished one resumes from its checkpoint. `train.eval_every`
+`<workdir>/runs/<source>__<target>__lr<lr>[__<key><value>...]-<identity>`: a run with a
+results.json is finished and is read back, an unfinished one resumes from its checkpoint, and a
+changed setting makes a new run directory (`repsim_jax.runs`). `train.eval_every`
 (when 0) is set so that each run evaluates about `sweep.num_evals` times, which gives every run
 a `best_val` (the eval step with the lowest val loss). The ground truth of a pair is the test
 metric (`sweep.metric`, AUC by default) of the best-validation point over the whole grid and all
@@ -19,7 +20,6 @@ eval steps (lowest val loss), written as `source,target,metric,value` rows to
 
 from __future__ import annotations
 
-import json
 import os
 import re
 
@@ -145,7 +145,7 @@ def _write_csv(path: str, rows: list[dict], columns) -> None:
 def run(config, workdir: str) -> dict:
   """Runs (or reads back) every grid point; returns {'ground_truth': rows, 'runs': rows,
   'ranking': rank_scores summary or None}."""
-  from repsim_jax import config_lib, train  # pylint: disable=g-import-not-at-top
+  from repsim_jax import config_lib, runs, train  # pylint: disable=g-import-not-at-top
   validate(config)
   s = config.sweep
   sources = transfer_job.parse_sources(s.sources, key="config.sweep.sources", allow_random=True)
@@ -161,30 +161,26 @@ def run(config, workdir: str) -> dict:
   main = jax.process_index() == 0
   if main:
     config_lib.write_config(config, workdir)
-  truth, runs = [], []
+  truth, run_rows = [], []
   for target in targets:
     for source in sources:
       results = {}
       for suffix, overrides in points:
         name = f"{source.name}__{target}__{suffix}"
-        run_dir = os.path.join(workdir, "runs", name)
-        done = os.path.join(run_dir, "results.json")
-        if os.path.exists(done):
-          print(f"[sweep] {name}: finished; reading {done}", flush=True)
-        else:
-          cfg = run_config(base, source, target, overrides)
-          # Per run: the number of steps may depend on the grid point (e.g. the batch size).
-          cfg.train.eval_every = _eval_every(cfg, s.num_evals)
+        cfg = run_config(base, source, target, overrides)
+        # Per run: the number of steps may depend on the grid point (e.g. the batch size).
+        cfg.train.eval_every = _eval_every(cfg, s.num_evals)
+        run_dir = runs.run_dir(os.path.join(workdir, "runs"), name, cfg)
+        if runs.read_results(run_dir) is None:
           print(f"[sweep] {name}: training ({cfg.model.name} from "
                 f"{cfg.model.init or 'random init'}, eval every {cfg.train.eval_every})",
                 flush=True)
-          train.train_and_evaluate(cfg, run_dir)  # the run's record is its results.json
+        res = train.train_and_evaluate(cfg, run_dir)  # reads a finished run back
         if not main:
           continue
-        with open(done) as f:
-          results[name] = json.load(f)
+        results[name] = res
         bv = results[name].get("best_val") or {}
-        runs.append({"source": source.name, "target": target, "run": name,
+        run_rows.append({"source": source.name, "target": target, "run": name,
                      "best_step": bv.get("step"), "val_loss": bv.get("val", {}).get("loss"),
                      "metric": s.metric, "value": bv.get("test", {}).get(s.metric)})
       if not main:
@@ -196,7 +192,7 @@ def run(config, workdir: str) -> dict:
             f"{best['val']['loss']:.4f}) test {s.metric} {best['test'][s.metric]:.4f}", flush=True)
       # Written after every pair, so a killed sweep leaves what it finished on disk.
       _write_csv(os.path.join(workdir, "ground_truth.csv"), truth, TRUTH_COLUMNS)
-      _write_csv(os.path.join(workdir, "sweep_runs.csv"), runs, RUN_COLUMNS)
+      _write_csv(os.path.join(workdir, "sweep_runs.csv"), run_rows, RUN_COLUMNS)
   ranking = None
   if main:
     import pandas as pd  # pylint: disable=g-import-not-at-top
@@ -206,7 +202,7 @@ def run(config, workdir: str) -> dict:
     if s.rank and s.scores_csv:
       ranking = rank_against_truth(s.scores_csv, os.path.join(workdir, "ground_truth.csv"),
                                    os.path.join(workdir, s.rank_dir), s.metric)
-  return {"ground_truth": truth, "runs": runs, "ranking": ranking}
+  return {"ground_truth": truth, "runs": run_rows, "ranking": ranking}
 
 
 def rank_against_truth(scores_csv: str, truth_csv: str, out_dir: str, metric: str) -> dict:

@@ -8,6 +8,7 @@ from the step) is in the checkpoint, so re-running the same command resumes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -23,7 +24,7 @@ import optax
 
 from repsim_jax import analysis, checkpoint as ckpt_lib
 from repsim_jax import config_lib, data, metrics as metrics_lib, metric_writers, models, parallel
-from repsim_jax import host, sharpness, similarity
+from repsim_jax import host, runs, sharpness, similarity
 from repsim_jax import methods as methods_lib
 from repsim_jax.data import pipeline
 from repsim_jax.optim import optimizers
@@ -38,7 +39,8 @@ class TrainState:
   batch_stats: Any        # the model's BatchNorm running statistics
   opt_state: Any
   ref_variables: Any      # frozen pretrained variables ({} when the method needs none)
-  nonfinite_step: jax.Array  # first step whose loss was NaN/Inf, -1 if none
+  nonfinite_step: jax.Array  # first step with a NaN/Inf loss, gradient, parameter or BN statistic; -1 if none
+  skipped_steps: jax.Array   # steps whose update was skipped (config.train.skip_nonfinite_steps)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -58,7 +60,8 @@ def _correct(logits, labels, task: str):
 
 
 def make_train_step(model, method: methods_lib.Method, tx, task: str, log_every: int = 1,
-                    num_steps: int = 0, in_step_similarity: bool = False):
+                    num_steps: int = 0, in_step_similarity: bool = False,
+                    skip_nonfinite: bool = False):
   """Per-device `train_step(state, batch, rng) -> (state, metrics)`.
 
   The local objective is the local mean task loss plus the method's term (computed from
@@ -70,6 +73,11 @@ def make_train_step(model, method: methods_lib.Method, tx, task: str, log_every:
   representation to the frozen pretrained model on the global batch, vmapped over layers of
   equal shape. A `lax.cond` skips that work (including a pretrained forward pass the method does
   not need) on the other steps, whose values are NaN and never read.
+
+  Every step checks its loss, gradients, new parameters and BatchNorm statistics for NaN/Inf
+  (fused reductions, the same on every device after the pmeans). The first bad step is recorded
+  in `state.nonfinite_step` (the host stops there and never checkpoints a bad state) or, with
+  `skip_nonfinite`, its update is dropped and counted in `state.skipped_steps`.
   """
 
   def logged(step):
@@ -112,11 +120,22 @@ def make_train_step(model, method: methods_lib.Method, tx, task: str, log_every:
     params = optax.apply_updates(state.params, updates)
     new_stats = parallel.pmean(new_stats)  # already equal with synced BN; keeps replicas exact
     loss = jax.lax.pmean(task_loss, AXIS)
-    nonfinite = jnp.where((state.nonfinite_step < 0) & ~jnp.isfinite(loss),
-                          state.step, state.nonfinite_step)
+    grad_norm = optax.tree.norm(grads)
+    finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite(params)
+              & _all_finite(new_stats))
+    nonfinite, skipped = state.nonfinite_step, state.skipped_steps
+    if skip_nonfinite:
+      keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+      params, new_stats = keep(params, state.params), keep(new_stats, state.batch_stats)
+      opt_state = keep(opt_state, state.opt_state)
+      skipped = skipped + (~finite).astype(skipped.dtype)
+    else:
+      nonfinite = jnp.where((nonfinite < 0) & ~finite, state.step, nonfinite)
     metrics = {"loss": loss,
                "accuracy": jax.lax.pmean(jnp.mean(_correct(logits, labels, task)), AXIS),
-               "grad_norm": optax.tree.norm(grads)}
+               "grad_norm": grad_norm}
+    if skip_nonfinite:
+      metrics["skipped_steps"] = skipped.astype(jnp.float32)
     metrics.update(parallel.pmean(reg_metrics))
 
     def diagnostics():
@@ -128,10 +147,16 @@ def make_train_step(model, method: methods_lib.Method, tx, task: str, log_every:
 
     metrics.update(_only_if(logged(state.step + 1), diagnostics))
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
-                              opt_state=opt_state, nonfinite_step=nonfinite)
+                              opt_state=opt_state, nonfinite_step=nonfinite, skipped_steps=skipped)
     return new_state, metrics
 
   return train_step
+
+
+def _all_finite(tree):
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
 def _only_if(pred, fn):
@@ -250,158 +275,219 @@ def evaluate(dp, p_eval, state, eval_iter_fn, split, info, max_batches: int = 0)
   return out
 
 
-@host.single_threaded_blas()
+@dataclasses.dataclass
+class Outcome:
+  """What a training run leaves: its results (plain data, as in results.json) and its final state
+  on the host (None when the run had finished before and was only read back)."""
+  results: dict
+  state: TrainState | None
+
+
 def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains per `cfg`, writes metrics/checkpoints/results to `workdir`, returns the results."""
+  """Trains per `cfg` in `workdir` (or resumes it, or reads back its results when it finished
+  before), writing metrics, checkpoints and results.json; returns the results."""
+  return fit(cfg, workdir).results
+
+
+@host.single_threaded_blas()
+def fit(cfg: ml_collections.ConfigDict, workdir: str) -> Outcome:
+  """`train_and_evaluate`, also returning the final state. The run directory is checked first:
+  one writer at a time (`runs.exclusive`), and one config (`runs.check_identity`)."""
   validate(cfg)
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    config_lib.write_config(cfg, workdir)
-  dp = parallel.DataParallel(cfg.parallel.backend, cfg.parallel.num_devices)
-  dp.check_batch_size(cfg.train.batch_size)
-  dp.check_batch_size(cfg.train.eval_batch_size or cfg.train.batch_size,
-                      "config.train.eval_batch_size")
-  splits, info = data.load_dataset(cfg.data)
-  num_classes = cfg.model.num_classes or info.num_classes
-  model = models.get_model(cfg.model.name, num_classes, dtype=jnp.dtype(cfg.model.dtype),
-                           bn_axis_name=AXIS, **dict(cfg.model.kwargs))
-  shape = input_shape(cfg, info)
-  rng = jax.random.PRNGKey(cfg.seed)
-  init_rng, method_rng, step_rng = jax.random.split(rng, 3)
-  variables = init_model_variables(model, cfg, shape, init_rng)
-  if cfg.model.init:
-    variables = load_init_variables(cfg, variables)
-  variables.setdefault("batch_stats", {})
+  runs.check_workdir(workdir)
+  with runs.exclusive(workdir):
+    runs.check_identity(workdir, cfg)
+    done = runs.read_results(workdir)
+    if done is not None:
+      print(f"{cfg.get('name') and f'[{cfg.name}] '}already finished: {workdir}/results.json",
+            flush=True)
+      return Outcome(done, None)
+    return _Run(cfg, workdir).train()
 
-  method = methods_lib.get_method(cfg.method)
-  num_steps = num_train_steps(cfg, len(splits["train"]))
-  train_iter, eval_iter_fn = make_iters(cfg, splits, info, seed=cfg.seed)
-  # Method parameters are initialised from a few batches of a separate iterator, so the training
-  # stream (and hence resumption) is the same with or without them.
-  init_iter = make_iters(cfg, splits, info, seed=cfg.seed + 1)[0]
-  init_batches = [next(init_iter) for _ in range(cfg.method.get("init_batches", 1))]
-  method_params = method.init_params(method_rng, variables, init_batches, model.apply)
-  params = {"model": variables["params"], "method": method_params}
-  schedule = optimizers.learning_rate_schedule(cfg.optim, num_steps)
 
-  def make_tx(offset: int = 0):
-    return optimizers.make_optimizer(cfg.optim, num_steps - offset, params)[0]
+class _Run:
+  """One training run: built from the config, then `train()`; its state lives in attributes."""
 
-  tx = method.optimizer(make_tx, params)
-  state = TrainState(
-      step=np.asarray(0, np.int32), params=params, batch_stats=variables["batch_stats"],
-      opt_state=jax.tree.map(np.asarray, tx.init(params)),
-      ref_variables=({"params": variables["params"], "batch_stats": variables["batch_stats"]}
-                     if method.needs_reference or method.reference_forward
-                     or cfg.analysis.in_step_similarity else {}),
-      nonfinite_step=np.asarray(-1, np.int32))
+  def __init__(self, cfg, workdir: str):
+    self.cfg, self.workdir = cfg, workdir
+    if jax.process_index() == 0:
+      config_lib.write_config(cfg, workdir)
+    self.dp = dp = parallel.DataParallel(cfg.parallel.backend, cfg.parallel.num_devices)
+    dp.check_batch_size(cfg.train.batch_size)
+    dp.check_batch_size(cfg.train.eval_batch_size or cfg.train.batch_size,
+                        "config.train.eval_batch_size")
+    self.splits, self.info = splits, info = data.load_dataset(cfg.data)
+    check_splits(cfg, splits)
+    num_classes = cfg.model.num_classes or info.num_classes
+    self.model = model = models.get_model(cfg.model.name, num_classes,
+                                          dtype=jnp.dtype(cfg.model.dtype), bn_axis_name=AXIS,
+                                          **dict(cfg.model.kwargs))
+    rng = jax.random.PRNGKey(cfg.seed)
+    init_rng, method_rng, self.step_rng = jax.random.split(rng, 3)
+    variables = init_model_variables(model, cfg, input_shape(cfg, info), init_rng)
+    if cfg.model.init:
+      variables = load_init_variables(cfg, variables)
+    variables.setdefault("batch_stats", {})
+    self.init_variables = variables
 
-  ckpt = ckpt_lib.Checkpointer(workdir, keep=cfg.train.keep_checkpoints)
-  start = ckpt.latest_step() or 0
-  if start:
+    self.method = method = methods_lib.get_method(cfg.method)
+    self.num_steps = num_train_steps(cfg, len(splits["train"]))
+    self.train_iter, self.eval_iter_fn = make_iters(cfg, splits, info, seed=cfg.seed)
+    # Method parameters are initialised from a few batches of a separate iterator, so the
+    # training stream (and hence resumption) is the same with or without them.
+    init_iter = make_iters(cfg, splits, info, seed=cfg.seed + 1)[0]
+    init_batches = [next(init_iter) for _ in range(cfg.method.get("init_batches", 1))]
+    method_params = method.init_params(method_rng, variables, init_batches, model.apply)
+    params = {"model": variables["params"], "method": method_params}
+    self.schedule = optimizers.learning_rate_schedule(cfg.optim, self.num_steps)
+    self.tx = method.optimizer(
+        lambda offset=0: optimizers.make_optimizer(cfg.optim, self.num_steps - offset, params)[0],
+        params)
+    keep_ref = (method.needs_reference or method.reference_forward
+                or cfg.analysis.in_step_similarity)
+    self.state = TrainState(
+        step=np.asarray(0, np.int32), params=params, batch_stats=variables["batch_stats"],
+        opt_state=jax.tree.map(np.asarray, self.tx.init(params)),
+        ref_variables=({"params": variables["params"], "batch_stats": variables["batch_stats"]}
+                       if keep_ref else {}),
+        nonfinite_step=np.asarray(-1, np.int32), skipped_steps=np.asarray(0, np.int32))
+    # Carried across segments of a resumed run, so its results equal an uninterrupted one's.
+    self.history, self.train_seconds = [], 0.0
+    self.ckpt = ckpt_lib.Checkpointer(workdir, keep=cfg.train.keep_checkpoints)
+    self.last_saved = None
+
+  # -- checkpoints ----------------------------------------------------------------------------
+  def _resume(self) -> int:
+    state = self.state
     var_t = {"params": state.params["model"], "batch_stats": state.batch_stats}
-    train_t = _train_item(state)
-    var_r, train_r, meta = ckpt.restore(start, var_t, train_t)
-    state = _from_items(var_r, train_r)
-    train_iter.set_state(meta["data_iter"])
-    print(f"resumed from {ckpt.directory} at step {start}", flush=True)
+    found = self.ckpt.restore_latest(var_t, _train_item(state))
+    if found is None:
+      return 0
+    step, var_r, train_r, meta = found
+    self.state = _from_items(var_r, train_r)
+    self.train_iter.set_state(meta["data_iter"])
+    self.history = meta.get("history", [])
+    self.train_seconds = float(meta.get("train_seconds", 0.0))
+    self.last_saved = step
+    print(f"resumed from {self.ckpt.directory} at step {step}", flush=True)
+    return step
 
-  writer = metric_writers.MetricWriter(workdir, tensorboard=cfg.train.tensorboard)
-  p_train = dp.compile(make_train_step(model, method, tx, info.task, cfg.train.log_every,
-                                       num_steps, cfg.analysis.in_step_similarity))
-  p_eval = dp.compile(make_eval_step(model), donate_state=False, sharded_out=True)
-  state = dp.put_replicated(state)
-  rng_dev = dp.put_replicated(np.asarray(step_rng))
-  progress = metric_writers.Progress(num_steps, cfg.train.batch_size, start,
-                                     name=cfg.get("name", "") and f"[{cfg.name}] ")
-  last_saved = start
-  history = []
-
-  def check_finite(step):
-    bad = int(dp.get_replicated(state.nonfinite_step))
+  def _check_finite(self, state, step: int) -> None:
+    bad = int(self.dp.get_replicated(state.nonfinite_step))
     if bad >= 0:
+      last = (f"step {self.last_saved} in {self.ckpt.directory}" if self.last_saved is not None
+              else "none yet")
       raise FloatingPointError(
-          f"non-finite loss at step {bad + 1}; stopped at step {step}, last good checkpoint: "
-          f"step {last_saved} in {ckpt.directory}")
+          f"non-finite loss, gradient, parameter or BatchNorm statistic at step {bad + 1}; "
+          f"stopped at step {step}; last good checkpoint: {last}")
 
-  def save(step):
-    nonlocal last_saved
-    check_finite(step)
-    host = dp.get_replicated(state)
-    ckpt.save(step, {"params": host.params["model"], "batch_stats": host.batch_stats},
-              _train_item(host), {"data_iter": train_iter.get_state(), "model": cfg.model.name,
-                                  "step": step})
-    last_saved = step
+  def _save(self, state, step: int, seconds: float) -> None:
+    self._check_finite(state, step)
+    h = self.dp.get_replicated(state)
+    self.ckpt.save(step, {"params": h.params["model"], "batch_stats": h.batch_stats},
+                   _train_item(h), {"data_iter": self.train_iter.get_state(),
+                                    "model": self.cfg.model.name, "step": step,
+                                    "history": self.history, "train_seconds": seconds})
+    self.last_saved = step
 
-  probe = None
-  if cfg.analysis.sharpness_every:
-    # A fixed probe set (first batches of the ordered val split), drawn once.
-    probe_iter = eval_iter_fn("val" if "val" in splits else "train")
-    probe = [{"image": b["image"], "label": b["label"]}
-             for b, _ in zip(probe_iter, range(cfg.analysis.probe_batches))]
+  # -- the loop -------------------------------------------------------------------------------
+  def train(self) -> Outcome:
+    try:
+      return self._train()
+    finally:
+      self.ckpt.close()
 
-  def run_sharpness(step):
-    host = dp.get_replicated(state)
-    loss_fn = jax.tree_util.Partial(eval_loss, model, info.task, host.batch_stats)
-    m = sharpness.sharpness_report(loss_fn, host.params["model"], probe,
-                                   jax.random.PRNGKey(cfg.seed), cfg.analysis.sharpness)
-    writer.write(step, "sharpness", m)
-    return m
+  def _train(self) -> Outcome:
+    cfg, dp, info, splits = self.cfg, self.dp, self.info, self.splits
+    num_steps = self.num_steps
+    start = self._resume()
+    writer = metric_writers.MetricWriter(self.workdir, tensorboard=cfg.train.tensorboard,
+                                         resume_step=start)
+    p_train = dp.compile(make_train_step(self.model, self.method, self.tx, info.task,
+                                         cfg.train.log_every, num_steps,
+                                         cfg.analysis.in_step_similarity,
+                                         cfg.train.skip_nonfinite_steps))
+    p_eval = dp.compile(make_eval_step(self.model), donate_state=False, sharded_out=True)
+    state = dp.put_replicated(self.state)
+    rng_dev = dp.put_replicated(np.asarray(self.step_rng))
+    progress = metric_writers.Progress(num_steps, cfg.train.batch_size, start,
+                                       name=cfg.get("name", "") and f"[{cfg.name}] ")
+    probe = None
+    if cfg.analysis.sharpness_every:
+      # A fixed probe set (first batches of the ordered val split), drawn once.
+      probe_iter = self.eval_iter_fn("val" if "val" in splits else "train")
+      probe = [{"image": b["image"], "label": b["label"]}
+               for b, _ in zip(probe_iter, range(cfg.analysis.probe_batches))]
 
-  def run_eval(step):
-    row = {}
-    for split in cfg.train.eval_splits:
-      if split in splits:
-        m = evaluate(dp, p_eval, state, eval_iter_fn, split, info)
+    def run_sharpness(state, step):
+      h = dp.get_replicated(state)
+      loss_fn = jax.tree_util.Partial(eval_loss, self.model, info.task, h.batch_stats)
+      m = sharpness.sharpness_report(loss_fn, h.params["model"], probe,
+                                     jax.random.PRNGKey(cfg.seed), cfg.analysis.sharpness)
+      writer.write(step, "sharpness", m)
+      return m
+
+    def run_eval(state, step):
+      row = {}
+      for split in cfg.train.eval_splits:
+        m = evaluate(dp, p_eval, state, self.eval_iter_fn, split, info)
         writer.write(step, split, m)
         row[split] = m
-    history.append({"step": step, **row})
-    return row
+      self.history.append({"step": step, **row})
+      return row
 
-  step = start
-  t_start = time.perf_counter()
-  for step in range(start + 1, num_steps + 1):
-    batch = next(train_iter)
-    state, m = p_train(state, dp.put_batch({"image": batch["image"], "label": batch["label"]}),
-                       rng_dev)
-    if step == start + 1:
-      progress.reset_clock(step)
-    if step % cfg.train.log_every == 0 or step == num_steps:
-      m = {k: float(v) for k, v in dp.get_replicated(m).items()}
-      check_finite(step)
-      m["lr"] = float(schedule(step - 1))
-      writer.write(step, "train", m)
-      progress.print(step, {"loss": m["loss"], "acc": m["accuracy"]})
-    if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != num_steps:
-      run_eval(step)
-    if probe and step % cfg.analysis.sharpness_every == 0 and step != num_steps:
-      run_sharpness(step)
-    if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
-      save(step)
-  if step != last_saved or start == num_steps:
-    if step != last_saved:
-      save(step)
-  final = run_eval(num_steps)
-  if probe:
-    final["sharpness"] = run_sharpness(num_steps)
-  train_seconds = time.perf_counter() - t_start
-  sim = {}
-  if cfg.model.init and cfg.analysis.final_similarity:
-    sim = final_similarity(cfg, dp, model, variables, dp.get_replicated(state), eval_iter_fn,
-                           splits)
-    writer.write(num_steps, "similarity", {f"{m}/{k}": v for m, d in sim.items()
-                                          for k, v in d.items()})
-  writer.close()
-  ckpt.close()
-  results = {"step": num_steps, "model": cfg.model.name, "method": cfg.method.name,
-             "task": info.task, "dataset": info.name, "train_seconds": train_seconds,
-             "final": final, "best_val": _best_by_val(history), "similarity": sim}
-  if jax.process_index() == 0:
-    config_lib.atomic_write_text(os.path.join(workdir, "results.json"),
-                                 json.dumps(results, indent=2, default=float) + "\n")
-  results["state"] = state
-  results["dp"] = dp
-  return results
+    step = start
+    t0 = time.perf_counter()
+    elapsed = lambda: self.train_seconds + time.perf_counter() - t0  # noqa: E731
+    for step in range(start + 1, num_steps + 1):
+      batch = next(self.train_iter)
+      state, m = p_train(state, dp.put_batch({"image": batch["image"], "label": batch["label"]}),
+                         rng_dev)
+      if step == start + 1:
+        progress.reset_clock(step)
+      if step % cfg.train.log_every == 0 or step == num_steps:
+        m = {k: float(v) for k, v in dp.get_replicated(m).items()}
+        self._check_finite(state, step)
+        m["lr"] = float(self.schedule(step - 1))
+        writer.write(step, "train", m)
+        progress.print(step, {"loss": m["loss"], "acc": m["accuracy"]})
+      if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != num_steps:
+        run_eval(state, step)
+      if probe and step % cfg.analysis.sharpness_every == 0 and step != num_steps:
+        run_sharpness(state, step)
+      if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
+        self._save(state, step, elapsed())
+    if self.last_saved != num_steps:
+      self._save(state, num_steps, elapsed())
+    final = run_eval(state, num_steps)
+    if probe:
+      final["sharpness"] = run_sharpness(state, num_steps)
+    host_state = dp.get_replicated(state)
+    sim = {}
+    if cfg.model.init and cfg.analysis.final_similarity:
+      sim = final_similarity(cfg, dp, self.model, self.init_variables, host_state,
+                             self.eval_iter_fn, splits)
+      writer.write(num_steps, "similarity", {f"{m}/{k}": v for m, d in sim.items()
+                                            for k, v in d.items()})
+    writer.close()
+    results = {"step": num_steps, "model": cfg.model.name, "method": cfg.method.name,
+               "task": info.task, "dataset": info.name, "identity": runs.identity(cfg),
+               "train_seconds": elapsed(), "skipped_steps": int(host_state.skipped_steps),
+               "final": final, "best_val": _best_by_val(self.history), "similarity": sim}
+    if jax.process_index() == 0:
+      config_lib.atomic_write_text(os.path.join(self.workdir, "results.json"),
+                                   json.dumps(results, indent=2, default=float) + "\n")
+    return Outcome(results, host_state)
+
+
+def check_splits(cfg, splits) -> None:
+  """The splits the run evaluates on exist and are not empty (checked before any training)."""
+  for split in ("train", *cfg.train.eval_splits):
+    if split not in splits:
+      raise ValueError(f"config.train.eval_splits: the dataset has no {split!r} split "
+                       f"(it has {sorted(splits)})")
+    if len(splits[split]) == 0:
+      raise ValueError(f"config.data: the {split!r} split of {cfg.data.name!r} is empty")
 
 
 def final_similarity(cfg, dp, model, init_variables, host_state, eval_iter_fn, splits) -> dict:
@@ -428,14 +514,16 @@ def _best_by_val(history):
 
 def _train_item(state) -> dict:
   return {"step": state.step, "method": state.params["method"], "opt_state": state.opt_state,
-          "ref_variables": state.ref_variables, "nonfinite_step": state.nonfinite_step}
+          "ref_variables": state.ref_variables, "nonfinite_step": state.nonfinite_step,
+          "skipped_steps": state.skipped_steps}
 
 
 def _from_items(variables, train) -> TrainState:
   return TrainState(step=train["step"], params={"model": variables["params"],
                                                 "method": train["method"]},
                     batch_stats=variables.get("batch_stats", {}), opt_state=train["opt_state"],
-                    ref_variables=train["ref_variables"], nonfinite_step=train["nonfinite_step"])
+                    ref_variables=train["ref_variables"], nonfinite_step=train["nonfinite_step"],
+                    skipped_steps=train["skipped_steps"])
 
 
 def validate(cfg) -> None:
@@ -445,6 +533,10 @@ def validate(cfg) -> None:
   config_lib.check_choice(cfg, "method.name", methods_lib.METHODS)
   config_lib.check_choice(cfg, "model.name", models.MODEL_NAMES)
   config_lib.check_choice(cfg, "model.dtype", ("float32", "bfloat16"))
-  config_lib.check_positive(cfg, "train.batch_size", "train.log_every", "optim.lr")
+  config_lib.check_positive(cfg, "train.batch_size", "train.log_every", "optim.lr",
+                            "train.keep_checkpoints")
+  for key in ("data.image_size", "data.channels", "train.eval_batch_size", "train.num_steps",
+              "train.checkpoint_every", "train.eval_every"):
+    config_lib.check_non_negative(cfg, key)
   if cfg.train.num_steps <= 0 and cfg.train.num_epochs <= 0:
     raise ValueError("config.train.num_steps / num_epochs: one of them must be positive")

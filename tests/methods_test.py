@@ -211,8 +211,7 @@ def test_repsim_trains_data_parallel_like_one_device(tmp_path, mode):
                                    "method.lam": 5.0, "parallel.num_devices": n,
                                    "train.checkpoint_every": 0, "train.log_every": 4})
     wd = str(tmp_path / f"{mode}{n}")
-    res = train.train_and_evaluate(cfg, wd)
-    finals.append(res["dp"].get_replicated(res["state"]))
+    finals.append(train.fit(cfg, wd).state)
     # Diagnostics are computed on exactly the logged steps (every 4th and the last).
     rows = [r for r in metric_writers.read_metrics(wd) if r["split"] == "train"]
     assert [r["step"] for r in rows] == [4, 8, 10]

@@ -86,8 +86,7 @@ def test_one_device_equals_eight_devices(tmp_path, backend):
     cfg = tiny_config(tmp_path, **{"parallel.num_devices": n, "parallel.backend": backend,
                                    "train.checkpoint_every": 0, "train.eval_splits": (),
                                    "optim.lr": STABLE_LR})
-    res = train.train_and_evaluate(cfg, str(tmp_path / f"{backend}_{n}"))
-    finals.append(res["dp"].get_replicated(res["state"]))
+    finals.append(train.fit(cfg, str(tmp_path / f"{backend}_{n}")).state)
   assert int(finals[1].step) == 20
   assert max_rel_err(finals[1].params, finals[0].params) <= 1e-5
   assert max_rel_err(finals[1].batch_stats, finals[0].batch_stats) <= 1e-5
@@ -154,7 +153,7 @@ def test_checkpoint_from_other_model_is_a_clear_error(tmp_path):
   with pytest.raises(ValueError, match="holds a different model"):
     train.train_and_evaluate(other, str(tmp_path / "b"))
   # Resuming a run dir with a different model is refused as well, not silently overwritten.
-  with pytest.raises(ValueError, match="holds a different model"):
+  with pytest.raises(ValueError, match=r"holds a run of another config \(model.kwargs.widths"):
     train.train_and_evaluate(tiny_config(tmp_path, **narrower, **{"train.num_steps": 4}), wd)
 
 
@@ -170,7 +169,7 @@ def test_two_processes_of_four_devices_equal_one_process(tmp_path):
   data_dir = tmp_path / "data"
   cfg = tiny_config(tmp_path, **{"parallel.num_devices": -1, "train.checkpoint_every": 10,
                                  "train.eval_splits": ("test",), "optim.lr": STABLE_LR})
-  single = train.train_and_evaluate(cfg, str(tmp_path / "single"))
+  single = train.fit(cfg, str(tmp_path / "single"))
   port = _free_port()
   args = ["--config=configs/finetune.py:model=small_cnn,source=synthetic,dataset=medical_gray,"
           f"size=16,steps=20,batch=32,lr={STABLE_LR}",
@@ -189,9 +188,9 @@ def test_two_processes_of_four_devices_equal_one_process(tmp_path):
   outs = [p.communicate(timeout=600)[0] for p in procs]
   assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
   multi = checkpoint.load_run_variables(str(tmp_path / "multi"))
-  ref = single["dp"].get_replicated(single["state"])
+  ref = single.state
   assert max_rel_err(multi["params"], ref.params["model"]) <= 1e-5
   saved = json.load(open(tmp_path / "multi" / "results.json"))
   assert saved["final"]["test"]["num_examples"] == 64
   assert saved["final"]["test"]["accuracy"] == pytest.approx(
-      single["final"]["test"]["accuracy"], abs=1 / 64 + 1e-9)
+      single.results["final"]["test"]["accuracy"], abs=1 / 64 + 1e-9)

@@ -1,6 +1,7 @@
 """The transferability job (features -> cache -> scores.csv) and the ground-truth sweep, end to end
 on tiny synthetic data with two small_cnn sources."""
 
+import glob
 import importlib.util
 import json
 import os
@@ -10,7 +11,7 @@ import pandas as pd
 import pytest
 import scipy.special
 
-from repsim_jax import checkpoint, config_lib, data, models, sweep, train
+from repsim_jax import checkpoint, config_lib, data, models, runs, sweep, train
 from repsim_jax.data import pipeline
 from repsim_jax.transferability import job, scores
 
@@ -263,11 +264,14 @@ def test_sweep_ground_truth(tmp_path, sources):
   c.parallel.num_devices = 1
   wd = str(tmp_path / "sweep")
   out = sweep.run(c, wd)
-  run_dirs = [os.path.join(wd, "runs", f"nat__{TARGET}__lr{lr}") for lr in ("0.001", "0.01")]
+  run_dirs = [glob.glob(os.path.join(wd, "runs", f"nat__{TARGET}__lr{lr}-*"))
+              for lr in ("0.001", "0.01")]
+  assert [len(d) for d in run_dirs] == [1, 1]
+  run_dirs = [d[0] for d in run_dirs]
   results = [json.load(open(os.path.join(d, "results.json"))) for d in run_dirs]
-  for r, lr in zip(results, (1e-3, 1e-2)):
-    cfg = json.load(open(os.path.join(os.path.dirname(os.path.dirname(run_dirs[0])), "runs",
-                                      f"nat__{TARGET}__lr{lr:g}", "config.json")))
+  for r, lr, d in zip(results, (1e-3, 1e-2), run_dirs):
+    cfg = json.load(open(os.path.join(d, "config.json")))
+    assert d.endswith("-" + runs.identity(cfg)) and r["identity"] == runs.identity(cfg)
     assert cfg["optim"]["lr"] == lr and cfg["model"]["init"] == sources["nat"]
     assert cfg["train"]["eval_every"] == 2 and cfg["job"] == "train" and "sweep" not in cfg
     assert r["best_val"]["step"] in (2, 4)

@@ -96,7 +96,7 @@ def _assemble(name: str, source: Mapping[str, Array], targets, spec_fn, ignored=
       shapes = ", ".join(f"{k} {tuple(source[k].shape)}" for k in keys)
       raise ValueError(f"{name}: key {keys[0]!r} has the wrong shape ({shapes}; "
                        f"{'/'.join(path)} needs {tuple(sds.shape)})")
-    out[path] = jnp.asarray(value, dtype=jnp.float32)
+    out[path] = value.astype(np.float32)  # host arrays, as a run directory's checkpoint gives
     used.update(keys)
   extra = [k for k in source if k not in used and not k.endswith(_IGNORED_SUFFIXES)
            and k not in ignored]
