@@ -352,7 +352,7 @@ class _Run:
                        if keep_ref else {}),
         nonfinite_step=np.asarray(-1, np.int32), skipped_steps=np.asarray(0, np.int32))
     # Carried across segments of a resumed run, so its results equal an uninterrupted one's.
-    self.history, self.train_seconds = [], 0.0
+    self.history, self.train_seconds, self.metrics_rows = [], 0.0, 0
     self.ckpt = ckpt_lib.Checkpointer(workdir, keep=cfg.train.keep_checkpoints)
     self.last_saved = None
 
@@ -368,6 +368,7 @@ class _Run:
     self.train_iter.set_state(meta["data_iter"])
     self.history = meta.get("history", [])
     self.train_seconds = float(meta.get("train_seconds", 0.0))
+    self.metrics_rows = int(meta.get("metrics_rows", 0))
     self.last_saved = step
     print(f"resumed from {self.ckpt.directory} at step {step}", flush=True)
     return step
@@ -381,13 +382,14 @@ class _Run:
           f"non-finite loss, gradient, parameter or BatchNorm statistic at step {bad + 1}; "
           f"stopped at step {step}; last good checkpoint: {last}")
 
-  def _save(self, state, step: int, seconds: float) -> None:
+  def _save(self, state, step: int, seconds: float, metrics_rows: int) -> None:
     self._check_finite(state, step)
     h = self.dp.get_replicated(state)
     self.ckpt.save(step, {"params": h.params["model"], "batch_stats": h.batch_stats},
                    _train_item(h), {"data_iter": self.train_iter.get_state(),
                                     "model": self.cfg.model.name, "step": step,
-                                    "history": self.history, "train_seconds": seconds})
+                                    "history": self.history, "train_seconds": seconds,
+                                    "metrics_rows": metrics_rows})
     self.last_saved = step
 
   # -- the loop -------------------------------------------------------------------------------
@@ -402,7 +404,7 @@ class _Run:
     num_steps = self.num_steps
     start = self._resume()
     writer = metric_writers.MetricWriter(self.workdir, tensorboard=cfg.train.tensorboard,
-                                         resume_step=start)
+                                         resume_step=start, keep_rows=self.metrics_rows)
     p_train = dp.compile(make_train_step(self.model, self.method, self.tx, info.task,
                                          cfg.train.log_every, num_steps,
                                          cfg.analysis.in_step_similarity,
@@ -456,9 +458,9 @@ class _Run:
       if probe and step % cfg.analysis.sharpness_every == 0 and step != num_steps:
         run_sharpness(state, step)
       if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
-        self._save(state, step, elapsed())
+        self._save(state, step, elapsed(), writer.rows)
     if self.last_saved != num_steps:
-      self._save(state, num_steps, elapsed())
+      self._save(state, num_steps, elapsed(), writer.rows)
     final = run_eval(state, num_steps)
     if probe:
       final["sharpness"] = run_sharpness(state, num_steps)

@@ -1,0 +1,150 @@
+"""Run directories under faults: another config, a second writer, a kill anywhere, a re-run."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from repsim_jax import config_lib, jobs, metric_writers, runs, train
+from _tiny import REPO, tiny_config
+
+
+class Killed(BaseException):
+  """Stands in for SIGKILL inside the process (BaseException: nothing catches it on the way)."""
+
+
+def _kill_at(monkeypatch, step, split):
+  real = metric_writers.MetricWriter.write
+
+  def write(self, s, sp, m):
+    real(self, s, sp, m)
+    if (s, sp) == (step, split):
+      raise Killed(f"killed after writing {split} at step {step}")
+  monkeypatch.setattr(metric_writers.MetricWriter, "write", write)
+
+
+def _cfg(tmp_path, **kw):
+  return tiny_config(tmp_path, **{"train.eval_every": 3, "train.eval_splits": ("val", "test"),
+                                  **kw})
+
+
+def _rows(wd):
+  return [(r["step"], r["split"]) for r in metric_writers.read_metrics(wd)]
+
+
+def _without_times(results):
+  return {k: v for k, v in results.items() if k != "train_seconds"}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("ref")
+  wd = str(tmp / "run")
+  return train.train_and_evaluate(_cfg(tmp), wd), metric_writers.read_metrics(wd), tmp
+
+
+# Kill points: between checkpoints (train row 9, after the step-8 checkpoint), inside an
+# evaluation (val at 6, before the step-8 checkpoint), and after the final checkpoint (test at 12).
+@pytest.mark.parametrize("step,split", [(9, "train"), (6, "val"), (12, "test")])
+def test_killed_and_resumed_run_equals_uninterrupted(reference, monkeypatch, step, split):
+  ref, ref_rows, tmp = reference
+  wd = str(tmp / f"killed_{step}_{split}")
+  with monkeypatch.context() as m:
+    _kill_at(m, step, split)
+    with pytest.raises(Killed):
+      train.train_and_evaluate(_cfg(tmp), wd)
+  assert not os.path.exists(os.path.join(wd, "results.json"))
+  resumed = train.train_and_evaluate(_cfg(tmp), wd)
+  saved = json.load(open(os.path.join(wd, "results.json")))
+  assert _without_times(saved) == _without_times(json.loads(json.dumps(ref)))
+  assert _without_times(resumed) == _without_times(ref)
+  assert resumed["best_val"]["step"] == ref["best_val"]["step"]
+  rows = metric_writers.read_metrics(wd)
+  assert len(rows) == len(set(_rows(wd))), "a (step, split) row written twice"
+  assert rows == ref_rows
+
+
+def test_finished_run_is_read_back_not_rewritten(reference, capsys):
+  ref, _, tmp = reference
+  wd = str(tmp / "run")
+  mtime = os.stat(os.path.join(wd, "results.json")).st_mtime_ns
+  again = train.train_and_evaluate(_cfg(tmp, **{"train.log_every": 6}), wd)  # not identity
+  assert again == json.loads(json.dumps(ref))
+  assert os.stat(os.path.join(wd, "results.json")).st_mtime_ns == mtime
+  assert "already finished" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("key,value,shown", [("optim.lr", 0.05, "optim.lr: 0.02 -> 0.05"),
+                                             ("seed", 3, "seed: 0 -> 3"),
+                                             ("data.seed", 1, "data.seed: 0 -> 1")])
+def test_another_config_in_a_run_dir_is_refused(reference, key, value, shown):
+  _, _, tmp = reference
+  wd = str(tmp / "run")
+  before = open(os.path.join(wd, "config.json")).read()
+  with pytest.raises(runs.RunMismatch, match="holds a run of another config") as e:
+    train.train_and_evaluate(_cfg(tmp, **{key: value}), wd)
+  assert shown in str(e.value) and "another --workdir" in str(e.value)
+  assert open(os.path.join(wd, "config.json")).read() == before
+
+
+def test_identity_ignores_cadence_and_devices(tmp_path):
+  a = tiny_config(tmp_path)
+  b = tiny_config(tmp_path, **{"train.log_every": 7, "train.checkpoint_every": 9,
+                               "parallel.num_devices": 8, "parallel.backend": "pmap",
+                               "train.tensorboard": True, "name": "x"})
+  assert runs.identity(a) == runs.identity(b)
+  for key, value in [("optim.lr", 0.1), ("method.name", "repsim"), ("data.seed", 2),
+                     ("train.eval_every", 5)]:
+    assert runs.identity(tiny_config(tmp_path, **{key: value})) != runs.identity(a), key
+
+
+def test_second_writer_is_refused_and_a_dead_one_taken_over(tmp_path, capsys):
+  wd = str(tmp_path / "run")
+  with runs.exclusive(wd):
+    with pytest.raises(runs.RunLocked, match=rf"in use by pid {os.getpid()} on "):
+      train.train_and_evaluate(tiny_config(tmp_path), wd)
+  assert not os.path.exists(os.path.join(wd, "checkpoints"))
+  # A holder killed with SIGKILL leaves its pid in the file; the kernel has dropped its flock.
+  code = f"import os; from repsim_jax import runs\nwith runs.exclusive({wd!r}): os.kill(os.getpid(), 9)"
+  assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == -9
+  assert open(os.path.join(wd, ".lock")).read().startswith("pid ")
+  train.train_and_evaluate(tiny_config(tmp_path, **{"train.num_steps": 2}), wd)
+  assert "taking over the lock of pid" in capsys.readouterr().out
+
+
+def test_workdir_that_is_a_file(tmp_path):
+  f = tmp_path / "file"
+  f.write_text("x")
+  with pytest.raises(NotADirectoryError, match=rf"--workdir={f}: is a file"):
+    train.train_and_evaluate(tiny_config(tmp_path), str(f))
+
+
+def test_default_run_reruns_only_the_changed_stage(tmp_path):
+  arg = "pretrain_steps=2,finetune_steps=2,size=16"
+  wd = str(tmp_path / "default")
+
+  def config(lam):
+    c = config_lib.load_config(os.path.join(REPO, "configs", "default.py"), f"{arg},lam={lam}")
+    for stage in (c.pretrain, c.finetune):
+      stage.data.data_dir = str(tmp_path / "data")
+      stage.data.train_size, stage.data.val_size, stage.data.test_size = 128, 64, 64
+      stage.train.tensorboard = False
+      stage.parallel.num_devices = 1
+      stage.analysis.max_examples = 64
+    return c
+  first = jobs.run(config(0.3), wd)
+  stages = sorted(d for d in os.listdir(wd) if "-" in d)
+  mtimes = {d: os.stat(os.path.join(wd, d, "results.json")).st_mtime_ns for d in stages}
+  second = jobs.run(config(1.0), wd)
+  now = sorted(d for d in os.listdir(wd) if "-" in d)
+  assert len(now) == len(stages) + 1
+  new = [d for d in now if d not in stages]
+  assert new[0].startswith("finetune_repsim-")
+  assert {d: os.stat(os.path.join(wd, d, "results.json")).st_mtime_ns for d in stages} == mtimes
+  assert os.path.realpath(os.path.join(wd, "finetune_repsim")) == os.path.join(wd, new[0])
+  assert second["methods"]["full_ft"] == first["methods"]["full_ft"]
+  assert second["methods"]["repsim"] != first["methods"]["repsim"]
+  cfg = json.load(open(os.path.join(wd, new[0], "config.json")))
+  assert cfg["method"]["lam"] == 1.0 and new[0].endswith(runs.identity(cfg))
