@@ -146,6 +146,7 @@ def train_config() -> ml_collections.ConfigDict:
   c.data.label_column = "label"
   c.data.split_column = "split"
   c.data.path_suffix = ""
+  c.data.classes = ()             # image_folder: the class labels in id order; () = the train split's
   c.data.builder_dir = ""         # tfds: a prepared dataset directory instead of name + data_dir
   c.data.splits = ml_collections.ConfigDict({"train": "train", "val": "validation", "test": "test"})
   c.data.image_key = "image"      # tfds

@@ -6,13 +6,14 @@ import os
 
 import jax
 
-from repsim_jax import parallel
+from repsim_jax import parallel, runs
 
 
 def run(config, workdir: str):
   job = config.job
   if job not in JOBS:
     raise ValueError(f"config.job={job!r}: expected one of {sorted(JOBS)}")
+  runs.check_workdir(workdir)
   if "parallel" in config:
     parallel.initialize_distributed(config.parallel)
   os.makedirs(workdir, exist_ok=True)

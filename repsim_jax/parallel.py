@@ -116,11 +116,15 @@ class DataParallel:
       if jax.process_count() == 1:
         return jax.device_put(tree, self.replicated, may_alias=False)
       return jax.tree.map(
-          lambda x: jax.make_array_from_callback(np.shape(x), self.replicated, lambda _: np.asarray(x)),
+          lambda x: jax.make_array_from_callback(np.shape(x), self.replicated,
+                                                 lambda _: np.array(x)),  # a copy: see above
           tree)
     n = len(self.local_devices)
+    # The broadcast is a stride-0 view: without may_alias=False the devices' shards could all
+    # be that one host buffer.
     return jax.tree.map(
-        lambda x: jax.device_put(np.broadcast_to(np.asarray(x), (n,) + np.shape(x)), self._stacked),
+        lambda x: jax.device_put(np.broadcast_to(np.asarray(x), (n,) + np.shape(x)), self._stacked,
+                                 may_alias=False),
         tree)
 
   def put_batch(self, batch):

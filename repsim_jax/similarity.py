@@ -87,6 +87,29 @@ def _prepare_pair(x, y, fname: str, min_n: int = 2, min_n_reason: str = ""):
   return x.astype(dtype), y.astype(dtype)
 
 
+def _checked(fn):
+  """Public pairwise measures: eager NaN/Inf or constant inputs raise (`_check_values`)."""
+  @functools.wraps(fn)
+  def wrapper(x, y, *args, **kwargs):
+    if not isinstance(x, jax.core.Tracer) and not isinstance(y, jax.core.Tracer):
+      jax.eval_shape(lambda a, b: fn(a, b, *args, **kwargs), x, y)  # shape errors come first
+      _check_values(x, fn.__name__, "x")
+      _check_values(y, fn.__name__, "y")
+    return fn(x, y, *args, **kwargs)
+  return wrapper
+
+
+def _check_values(a, fname: str, name: str) -> None:
+  """Eager inputs: NaN/Inf or constant features are an error (a similarity of them would be a
+  meaningless number). Under jit the values are unknown here, and such inputs give NaN."""
+  v = np.asarray(a)
+  if not np.all(np.isfinite(v)):
+    raise ValueError(f"{fname}: {name} contains NaN or Inf")
+  if v.shape[0] > 1 and not np.any(v != v[:1]):
+    raise ValueError(f"{fname}: {name} is the same for every example (no variance); "
+                     "similarity is undefined")
+
+
 def _center(x):
   return x - jnp.mean(x, axis=0, keepdims=True)
 
@@ -143,9 +166,15 @@ def _debias(dot, sq_rows_a, sq_rows_b, sq_norm_a, sq_norm_b, n):
       (n - 1) * (n - 2))
 
 
+def _unit(x):
+  """x / ‖x‖_F: CKA is scale invariant, and the feature form's ‖XᵀX‖² overflows float32 for
+  features of size ~1e6 otherwise."""
+  return x / jnp.maximum(jnp.linalg.norm(x), jnp.finfo(x.dtype).tiny)
+
+
 def _linear_cka_feature(x, y, debiased: bool):
   n = x.shape[0]
-  x, y = _center(x), _center(y)
+  x, y = _unit(_center(x)), _unit(_center(y))
   xy = jnp.sum(jnp.square(_mm(x.T, y)))
   xx = jnp.sum(jnp.square(_mm(x.T, x)))
   yy = jnp.sum(jnp.square(_mm(y.T, y)))
@@ -164,6 +193,7 @@ def _linear_cka_gram(x, y, debiased: bool):
   return _cka_from_grams(_mm(x, x.T), _mm(y, y.T), debiased)
 
 
+@_checked
 @functools.partial(jax.jit, static_argnames=("debiased", "form"))
 def linear_cka(x, y, debiased: bool = False, form: str = "auto"):
   """Linear CKA (Kornblith et al. 2019).
@@ -200,6 +230,7 @@ def _gram_rbf(x, threshold):
   return jnp.exp(-d2 / (2 * jnp.square(threshold) * med))
 
 
+@_checked
 @functools.partial(jax.jit, static_argnames=("debiased",))
 def rbf_cka(x, y, threshold=1.0, debiased: bool = False):
   """CKA with RBF kernels (Kornblith et al. 2019).
@@ -240,6 +271,7 @@ def _unbiased_hsic_terms(x, y, form: str = "auto"):
   return jnp.vdot(kc, lc) * scale, jnp.vdot(kc, kc) * scale, jnp.vdot(lc, lc) * scale
 
 
+@_checked
 @functools.partial(jax.jit, static_argnames=("form",))
 def unbiased_hsic(x, y, form: str = "auto"):
   """Unbiased linear-kernel HSIC_1 (Song et al. 2012) of x: (n, d_x), y: (n, d_y); n >= 4."""
@@ -389,6 +421,7 @@ def _variance_mask(threshold):
   return mask
 
 
+@_checked
 @jax.jit
 def cca_similarity(x, y):
   """Mean squared canonical correlation R²_CCA = ‖Q_yᵀQ_x‖²_F / min(rank x, rank y).
@@ -404,6 +437,7 @@ def cca_similarity(x, y):
   return jnp.sum(jnp.square(_mm(ux.T, uy))) / jnp.minimum(rx, ry).astype(x.dtype)
 
 
+@_checked
 @jax.jit
 def svcca(x, y, threshold=0.99):
   """SVCCA (Raghu et al. 2017): mean canonical correlation after SVD reduction.
@@ -435,6 +469,7 @@ def _pwcca_one_side(x, y):
   return jnp.sum(alpha * rho) / jnp.sum(alpha)
 
 
+@_checked
 @jax.jit
 def pwcca(x, y):
   """Projection-weighted CCA (Morcos et al. 2018).
@@ -458,6 +493,7 @@ def _normalize_frobenius(x):
   return x / jnp.linalg.norm(x)
 
 
+@_checked
 @jax.jit
 def procrustes_distance(x, y):
   """Orthogonal Procrustes distance (Ding et al. 2021): 2 - 2‖XᵀY‖_* on centred,
@@ -500,6 +536,7 @@ def _rdm_upper(x, iu):
   return 1 - _mm(z, z.T)[iu]
 
 
+@_checked
 @jax.jit
 def rsa(x, y):
   """Representational similarity analysis: Spearman correlation of the upper triangles
@@ -520,6 +557,7 @@ def _knn_indices(x, k: int, normalize: bool):
   return jax.lax.top_k(sim, k)[1]
 
 
+@_checked
 @functools.partial(jax.jit, static_argnames=("k", "normalize"))
 def mutual_knn(x, y, k: int = 10, normalize: bool = True):
   """Mutual k-NN alignment (Huh et al. 2024): mean over examples of |N_x(i) ∩ N_y(i)| / k.

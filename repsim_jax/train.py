@@ -540,5 +540,10 @@ def validate(cfg) -> None:
   for key in ("data.image_size", "data.channels", "train.eval_batch_size", "train.num_steps",
               "train.checkpoint_every", "train.eval_every"):
     config_lib.check_non_negative(cfg, key)
+  method = methods_lib.METHODS[cfg.method.name]
+  if (method.needs_reference or method.reference_forward) and not cfg.model.init:
+    raise ValueError(f"config.method.name={cfg.method.name!r} regularises toward the pretrained "
+                     "model, but config.model.init is empty (random init); name the pretrained "
+                     "weights (a run dir or a weights file) or use full_ft")
   if cfg.train.num_steps <= 0 and cfg.train.num_epochs <= 0:
     raise ValueError("config.train.num_steps / num_epochs: one of them must be positive")

@@ -3,7 +3,9 @@
 Layouts accepted by `load_image_folder`:
 1. CSV (`csv` set): a header row; `path_column` holds paths relative to `root` (with
    `path_suffix` appended, e.g. '.png' for APTOS' `id_code`), `label_column` integer class ids or
-   class names (names are mapped to ids in sorted order). If `split_column` is present its values
+   class names. The classes are `classes` when given, else the labels of the training split
+   (integers in numeric order, names sorted), mapped to ids 0..C-1; a val/test label outside
+   them, an empty label, or integers mixed with names is an error. If `split_column` is present its values
    (train / val|valid|validation / test) choose the split; otherwise the rows are split at random
    (seeded by `split_seed`) into val_fraction / test_fraction / the rest for train.
 2. Class folders (`csv` empty): `root/<class>/<image>`; or, when `root/train` exists,
@@ -104,22 +106,57 @@ def _is_int(value: str) -> bool:
   return value.lstrip("-").isdigit()
 
 
-def _label_ids(values: list[str], where: str) -> tuple[np.ndarray, int]:
-  """Integer labels are used as given; class names map to ids in sorted order."""
-  if all(_is_int(v) for v in values):
-    ids = np.array([int(v) for v in values], np.int64)
-    if ids.min() < 0:
-      raise ValueError(f"{where}: labels must be >= 0, got {int(ids.min())}")
-    return ids, int(ids.max()) + 1
-  lookup = {n: i for i, n in enumerate(sorted(set(values)))}
-  return np.array([lookup[v] for v in values], np.int64), len(lookup)
+def _class_list(values: list[str], train: np.ndarray, where: str, classes=()) -> list[str]:
+  """The classes: `classes` as given, else the labels of the training split (integers in
+  numeric order, names sorted). A label is never a class only because val or test has it."""
+  if any(v == "" for v in values):
+    raise ValueError(f"{where}: row {values.index('') + 1} has an empty label")
+  if classes:
+    return [str(c) for c in classes]
+  seen = sorted({v for v, t in zip(values, train) if t})
+  ints = [_is_int(v) for v in seen]
+  if any(ints) and not all(ints):
+    stray = next(v for v, i in zip(seen, ints) if not i)
+    raise ValueError(f"{where}: labels mix integers and names (e.g. {stray!r}); fix the CSV or "
+                     "list the classes in config.data.classes")
+  if all(ints):
+    if int(min(seen, key=int)) < 0:
+      raise ValueError(f"{where}: labels must be >= 0, got {min(seen, key=int)}")
+    seen = sorted(seen, key=int)
+  return seen
+
+
+def _label_ids(values: list[str], split_of: np.ndarray, where: str, classes=()) -> np.ndarray:
+  names = _class_list(values, split_of == "train", where, classes)
+  lookup = {n: i for i, n in enumerate(names)}
+  for v, split in zip(values, split_of):
+    if v not in lookup:
+      raise ValueError(f"{where}: label {v!r} of a {split} image is not a class of the training "
+                       f"split ({names[:10]}{'...' if len(names) > 10 else ''}); set "
+                       "config.data.classes to name every class")
+  return np.array([lookup[v] for v in values], np.int64), len(names)
+
+
+def _check_images(paths, where: str) -> None:
+  """Every listed file is there and opens as an image (header only), before any training."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  for p in paths:
+    if not os.path.exists(p):
+      raise FileNotFoundError(f"{where}: listed image {p} not found")
+    if os.path.getsize(p) == 0:
+      raise ValueError(f"{p}: empty file (0 bytes), not an image")
+    try:
+      with Image.open(p) as im:
+        im.size  # noqa: B018  (parses the header)
+    except Exception as err:  # noqa: BLE001  (PIL raises several types)
+      raise ValueError(f"{p}: cannot decode image ({err})") from None
 
 
 def load_image_folder(root: str, *, csv: str = "", image_size: int = 224, channels: int = 3,
                       val_fraction: float = 0.1, test_fraction: float = 0.1, split_seed: int = 0,
                       path_column: str = "path", label_column: str = "label",
                       split_column: str = "split", path_suffix: str = "",
-                      task: str | None = None, name: str | None = None):
+                      task: str | None = None, name: str | None = None, classes=()):
   """Loads an image-folder data set (see the module docstring for layouts).
 
   Returns:
@@ -146,10 +183,7 @@ def load_image_folder(root: str, *, csv: str = "", image_size: int = 224, channe
     rows = [(p, c, None) for p, c in _class_folder_rows(root, classes)]
   if not rows:
     raise ValueError(f"{where}: no images found")
-  for p, _, _ in rows:
-    if not os.path.exists(p):
-      raise FileNotFoundError(f"{where}: listed image {p} not found")
-  labels, num_classes = _label_ids([r[1] for r in rows], where)
+  _check_images([r[0] for r in rows], where)
   split_of = np.array([r[2] or "" for r in rows], dtype=object)
   if not any(split_of):
     n = len(rows)
@@ -158,6 +192,7 @@ def load_image_folder(root: str, *, csv: str = "", image_size: int = 224, channe
     split_of[perm[:n_val]] = "val"
     split_of[perm[n_val:n_val + n_test]] = "test"
     split_of[perm[n_val + n_test:]] = "train"
+  labels, num_classes = _label_ids([r[1] for r in rows], split_of, where, classes)
   name = name or os.path.basename(os.path.normpath(root))
   paths = np.array([r[0] for r in rows], dtype=object)
   out = {}

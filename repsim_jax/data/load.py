@@ -47,7 +47,7 @@ def load_dataset(cfg) -> tuple[dict[str, Any], DatasetInfo]:
         label_column=_get(cfg, "label_column", "label"),
         split_column=_get(cfg, "split_column", "split"),
         path_suffix=_get(cfg, "path_suffix", ""), task=cfg.get("task", None) or None,
-        name=cfg.get("name", None) or None)
+        name=cfg.get("name", None) or None, classes=tuple(cfg.get("classes", ()) or ()))
   if source == "tfds":
     from repsim_jax.data.tfds_source import load_tfds  # pylint: disable=g-import-not-at-top
     splits = cfg.get("splits", None)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -40,7 +41,11 @@ def _read_state_dict(path: str | os.PathLike) -> dict[str, Array]:
   suffix = p.suffix.lower()
   if suffix == ".safetensors":
     from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-    state = dict(load_file(str(p)))
+    try:
+      state = dict(load_file(str(p)))
+    except Exception as e:  # noqa: BLE001  (safetensors raises its own error types)
+      raise ValueError(f"{p.name}: not a readable .safetensors file (truncated or not "
+                       f"safetensors: {str(e).splitlines()[0][:120]})") from None
   elif suffix in (".pth", ".pt", ".bin"):
     try:
       import torch  # pylint: disable=g-import-not-at-top
@@ -61,7 +66,24 @@ def _read_state_dict(path: str | os.PathLike) -> dict[str, Array]:
   # DataParallel / DDP checkpoints prefix every key with 'module.'.
   if state and all(k.startswith("module.") for k in state):
     state = {k[len("module."):]: v for k, v in state.items()}
+  _check_values(p.name, state)
   return state
+
+
+def _check_values(name: str, state: Mapping[str, Array]) -> None:
+  """Weights that cannot be right are refused; a lossless float16 upcast is said once."""
+  half = [k for k, v in state.items() if v.dtype in (np.float16,) or str(v.dtype) == "bfloat16"]
+  if half:
+    print(f"warning: {name}: {len(half)} tensors are 16-bit floats (e.g. {half[0]!r}); read as "
+          "float32", file=sys.stderr, flush=True)
+  for k, v in state.items():
+    if not np.issubdtype(v.dtype, np.number) or not np.issubdtype(v.dtype, np.floating):
+      continue
+    if not np.all(np.isfinite(v)):
+      raise ValueError(f"{name}: tensor {k!r} contains NaN or Inf")
+    if k.endswith(("running_var", "moving_variance")) and np.any(v < 0):
+      raise ValueError(f"{name}: BatchNorm variance {k!r} has negative values "
+                       f"(min {float(v.min()):.3g}); the file is corrupt")
 
 
 def _oihw_to_hwio(w: Array) -> Array:
@@ -279,8 +301,14 @@ def load_big_vision_vit_npz(path: str | os.PathLike, *, arch: str = "vit_b16",
     raise ValueError(f"path: expected a .npz file, got {name!r}")
   if not Path(path).is_file():
     raise FileNotFoundError(f"path: no such checkpoint file {str(path)!r}")
-  with np.load(path, allow_pickle=False) as f:
-    raw = {k: f[k] for k in f.files}
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      if not hasattr(f, "files"):
+        raise ValueError("a single .npy array, not an archive")
+      raw = {k: f[k] for k in f.files}
+  except Exception as e:  # noqa: BLE001  (zipfile, pickle and numpy raise many types)
+    raise ValueError(f"{name}: not a readable .npz archive "
+                     f"({(str(e).splitlines() or [type(e).__name__])[0][:120]})") from None
   prefix = next((p for p in ("", "opt/target/", "params/") if f"{p}embedding/kernel" in raw),
                 None)
   if prefix is None:
