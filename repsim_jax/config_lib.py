@@ -211,6 +211,7 @@ def train_config() -> ml_collections.ConfigDict:
   c.parallel.coordinator_address = ""
   c.parallel.num_processes = 1
   c.parallel.process_id = 0
+  c.parallel.heartbeat_timeout_seconds = 30  # multi-host: a dead peer ends the run within this
   return c
 
 

@@ -47,6 +47,8 @@ def initialize_distributed(cfg) -> None:
         coordinator_address=cfg.coordinator_address,
         num_processes=cfg.num_processes,
         process_id=cfg.process_id,
+        # A dead peer is noticed within this bound instead of jax's default 100 s.
+        heartbeat_timeout_seconds=int(cfg.get("heartbeat_timeout_seconds", 30)),
     )
 
 
