@@ -136,7 +136,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
                                  "train.checkpoint_every": 1, "train.log_every": 1,
                                  "optim.weight_decay": 0.0})
   wd = str(tmp_path / "nan")
-  with pytest.raises(FloatingPointError, match=r"non-finite loss at step \d+") as e:
+  with pytest.raises(FloatingPointError, match=r"non-finite loss, gradient, parameter or BatchNorm statistic at step \d+") as e:
     train.train_and_evaluate(cfg, wd)
   last = checkpoint.Checkpointer(wd).latest_step()
   assert f"last good checkpoint: step {last}" in str(e.value)
