@@ -60,29 +60,30 @@ def load_config(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
   return module.get_config(arg)
 
 
+def _lookup(config, key: str):
+  """`config.<key>` for a dotted key."""
+  for part in key.split("."):
+    config = config[part]
+  return config
+
+
 def check_choice(config: ml_collections.ConfigDict, key: str, choices) -> None:
   """One-line error when `config.<key>` (dotted) is not one of `choices`."""
-  value = config
-  for part in key.split("."):
-    value = value[part]
+  value = _lookup(config, key)
   if value not in choices:
     raise ValueError(f"config.{key}={value!r}: expected one of {sorted(choices)}")
 
 
 def check_positive(config: ml_collections.ConfigDict, *keys: str) -> None:
   for key in keys:
-    value = config
-    for part in key.split("."):
-      value = value[part]
+    value = _lookup(config, key)
     if not value > 0:
       raise ValueError(f"config.{key}={value!r}: expected a positive number")
 
 
 def check_non_negative(config: ml_collections.ConfigDict, *keys: str) -> None:
   for key in keys:
-    value = config
-    for part in key.split("."):
-      value = value[part]
+    value = _lookup(config, key)
     if value < 0:
       raise ValueError(f"config.{key}={value!r}: expected 0 or a positive number")
 
