@@ -100,6 +100,81 @@ def test_learned_q_converges_to_the_procrustes_minimum():
   assert metrics["orth_err/pre_logits"] < 1e-5
 
 
+def _np_normalize(x):
+  x = x - x.mean(0)
+  return x / np.linalg.norm(x)
+
+
+def test_covariance_mode_compares_the_rotated_covariance_with_the_pretrained_one():
+  rng = np.random.default_rng(6)
+  f, p = rng.normal(size=(40, 6)), rng.normal(size=(40, 6))
+  q = random_orthogonal(rng, 6)
+  cfg = config_lib.method_config("repsim", q_mode="covariance", lam=1.0)
+  m = methods.get_method(cfg)
+  # init_params holds C_P = PᵀP of the normalised pretrained features of the init batches.
+  init = m.init_params(None, None, [{"image": p[:20]}, {"image": p[20:]}],
+                       lambda v, x, train: (None, {"pre_logits": x}))
+  c_p = np.asarray(init[repsim.COV_KEY]["pre_logits"])
+  np.testing.assert_allclose(c_p, _np_normalize(p).T @ _np_normalize(p), rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(init[repsim.Q_KEY]["pre_logits"], np.eye(6))
+
+  def term(f, q):
+    params = {"model": {}, "method": {repsim.Q_KEY: {"pre_logits": q},
+                                      repsim.COV_KEY: {"pre_logits": c_p}}}
+    loss, _ = on_axis(lambda f: m.loss(params, {"pre_logits": f}, None, {}, jnp.int32(0)), f)
+    return float(loss[0])
+
+  fn = _np_normalize(f)
+  expected = np.sum((q.T @ (fn.T @ fn) @ q - c_p) ** 2)
+  assert term(f, q) == pytest.approx(expected, rel=1e-4)
+  # Invariance: rotating F by R is undone by Q -> Rᵀ Q; without Q the term would change.
+  r = random_orthogonal(rng, 6)
+  assert term(f @ r, r.T @ q) == pytest.approx(expected, rel=1e-4)
+  assert abs(term(f @ r, q) - expected) > 1e-3 * expected
+
+
+def test_lambda_warmup_and_layer_weights():
+  rng = np.random.default_rng(7)
+  reps = {k: rng.normal(size=(16, 4)) for k in ("layer4", "pre_logits")}
+  refs = {k: rng.normal(size=(16, 4)) for k in ("layer4", "pre_logits")}
+  per_layer = {k: np.sum((_np_normalize(reps[k]) - _np_normalize(refs[k])) ** 2) for k in reps}
+  cfg = config_lib.method_config("repsim", q_mode="identity", lam=2.0, lam_schedule="warmup",
+                                 lam_warmup_steps=10, layers=("layer4", "pre_logits"),
+                                 layer_weights=(3.0, 0.5))
+  m = methods.get_method(cfg)
+  for step, factor in ((0, 0.0), (4, 0.4), (10, 1.0), (25, 1.0)):
+    loss, metrics = on_axis(lambda r, p, s: m.loss({"model": {}, "method": {}}, r, p, {}, s),
+                            reps, refs, jnp.int32(step))
+    expected = 2.0 * factor * (3.0 * per_layer["layer4"] + 0.5 * per_layer["pre_logits"])
+    assert float(loss[0]) == pytest.approx(expected, rel=1e-5, abs=1e-9), step
+    assert float(metrics["repsim/layer4"][0]) == pytest.approx(per_layer["layer4"], rel=1e-5)
+  with pytest.raises(ValueError, match="config.method.layer_weights"):
+    methods.get_method(config_lib.method_config("repsim", layers=("layer4",), layer_weights=(1, 2)))
+
+
+@pytest.mark.parametrize("q_optimizer", ["sgd", "adam"])
+def test_q_gets_the_configured_riemannian_optimizer_and_the_rest_the_trainer_s(q_optimizer):
+  cfg = config_lib.method_config("repsim", q_mode="covariance", q_optimizer=q_optimizer,
+                                 q_lr=0.03, q_momentum=0.5, retraction="qr")
+  m = methods.get_method(cfg)
+  rng = np.random.default_rng(8)
+  q = jnp.asarray(random_orthogonal(rng, 5))
+  params = {"model": {"w": jnp.ones(3)},
+            "method": {repsim.Q_KEY: {"pre_logits": q}, repsim.COV_KEY: {"pre_logits": jnp.eye(5)}}}
+  grads = {"model": {"w": jnp.asarray([1.0, 2.0, 3.0])},
+           "method": {repsim.Q_KEY: {"pre_logits": jnp.asarray(rng.normal(size=(5, 5)))},
+                      repsim.COV_KEY: {"pre_logits": jnp.ones((5, 5))}}}
+  tx = m.optimizer(lambda offset=0: optax.sgd(0.7), params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  ref_tx = (stiefel.stiefel_sgd(0.03, momentum=0.5, method="qr") if q_optimizer == "sgd"
+            else stiefel.stiefel_adam(0.03, method="qr"))
+  ref, _ = ref_tx.update(grads["method"][repsim.Q_KEY]["pre_logits"], ref_tx.init(q), q)
+  np.testing.assert_allclose(updates["method"][repsim.Q_KEY]["pre_logits"], ref, rtol=1e-5,
+                             atol=1e-7)
+  np.testing.assert_allclose(updates["model"]["w"], -0.7 * grads["model"]["w"], rtol=1e-6)
+  np.testing.assert_array_equal(updates["method"][repsim.COV_KEY]["pre_logits"], 0.0)
+
+
 def test_cka_mode_is_one_minus_cka():
   rng = np.random.default_rng(2)
   f, p = rng.normal(size=(40, 5)), rng.normal(size=(40, 5))
@@ -135,34 +210,64 @@ def test_l2sp_gradient_at_the_pretrained_weights():
   np.testing.assert_allclose(g2["model"]["conv"]["kernel"], 0.7 * np.ones((3, 3)), rtol=1e-6)
 
 
-def test_delta_is_the_feature_map_distance():
+def test_delta_is_the_feature_map_distance_plus_the_head_decay():
   rng = np.random.default_rng(5)
   a, b = rng.normal(size=(4, 3, 3, 6)), rng.normal(size=(4, 3, 3, 6))
-  cfg = config_lib.method_config("delta", lam=2.0, beta=0.0, layers=("layer1",))
+  a2, b2 = rng.normal(size=(4, 5)), rng.normal(size=(4, 5))
+  head = rng.normal(size=(5, 2))
+  cfg = config_lib.method_config("delta", lam=2.0, beta=0.3, layers=("layer1", "pre_logits"),
+                                 layer_weights=(1.0, 0.25))
   m = methods.get_method(cfg)
-  loss, _ = m.loss({"model": {"head": {"kernel": np.zeros((2, 2))}}}, {"layer1": a}, {"layer1": b},
-                   None, jnp.int32(0))
-  assert float(loss) == pytest.approx(2.0 * np.mean(np.sum((a - b) ** 2, -1)), rel=1e-5)
+  loss, metrics = m.loss({"model": {"head": {"kernel": head}, "conv": {"kernel": a2}}},
+                         {"layer1": a, "pre_logits": a2}, {"layer1": b, "pre_logits": b2},
+                         None, jnp.int32(0))
+  # Squared distance per example and position, averaged over the 4·3·3 of them; the backbone's
+  # own weights (conv) are not decayed.
+  fm1 = sum(np.sum((a[n, i, j] - b[n, i, j]) ** 2) for n in range(4) for i in range(3)
+            for j in range(3)) / 36
+  fm2 = sum(np.sum((a2[n] - b2[n]) ** 2) for n in range(4)) / 4
+  expected = 2.0 * (fm1 + 0.25 * fm2) + 0.5 * 0.3 * np.sum(head ** 2)
+  assert float(loss) == pytest.approx(expected, rel=1e-5)
+  assert float(metrics["delta/layer1"]) == pytest.approx(fm1, rel=1e-5)
 
 
 @pytest.mark.parametrize("name", ["sam", "asam"])
-def test_sam_gradient_is_taken_at_the_ascent_point(name):
-  cfg = config_lib.method_config(name, rho=0.1, eta=0.01)
-  m = methods.get_method(cfg)
-  a = jnp.array([[3.0, 0.5], [0.5, 1.0]])
-  loss = lambda p: 0.5 * p["model"]["w"] @ a @ p["model"]["w"] + jnp.sum(p["model"]["w"] ** 3)
-  params = {"model": {"w": jnp.array([1.0, -2.0])}, "method": {}}
-  grad_fn = lambda p: (jax.grad(loss)(p), None)
-  g = jax.grad(loss)(params)["model"]["w"]
-  w = params["model"]["w"]
-  if name == "sam":
-    eps = 0.1 * g / jnp.linalg.norm(g)
-  else:
-    t = jnp.abs(w) + 0.01
-    eps = 0.1 * t * t * g / jnp.linalg.norm(t * g)
-  expected = jax.grad(loss)({"model": {"w": w + eps}, "method": {}})["model"]["w"]
-  grads, _ = on_axis(lambda p: m.gradients(grad_fn, p), params)
-  np.testing.assert_allclose(grads["model"]["w"][0], expected, rtol=1e-5)
+def test_sam_ascends_to_the_edge_of_its_ball_with_the_global_gradient(name):
+  """On a quadratic L_i(w) = ½wᵀAw + b_iᵀw + ⟨c, v⟩ per device, the returned gradient A(w+ε) + b̄
+  reveals ε. SAM's ε maximises ḡᵀε over ‖ε‖ ≤ ρ, ASAM's over ‖ε / T‖ ≤ ρ (T = |w| + η): so the
+  constraint is tight and ḡᵀε = ρ‖ḡ‖ (resp. ρ‖T ḡ‖), with ḡ the gradient of the *global* batch
+  (mean over devices) and the method parameter v neither perturbed nor counted in the norm."""
+  rho, eta = 0.1, 0.01
+  m = methods.get_method(config_lib.method_config(name, rho=rho, eta=eta))
+  a = np.array([[3.0, 0.5, 0.0], [0.5, 1.0, 0.2], [0.0, 0.2, 2.0]])
+  bs = np.array([[1.0, -4.0, 0.5], [-3.0, 2.0, 1.5]])  # two devices' batches
+  c = np.array([10.0, -7.0])
+  w = np.array([1.0, -2.0, 0.5])
+  params = {"model": {"w": jnp.asarray(w)}, "method": {"v": jnp.asarray([0.3, 0.4])}}
+  seen = []
+
+  def per_device(b):
+    def loss(p):
+      x = p["model"]["w"]
+      return 0.5 * x @ a @ x + b @ x + jnp.dot(c, p["method"]["v"])
+
+    def grad_fn(p):
+      seen.append(p["method"]["v"])
+      return jax.grad(loss)(p), None
+
+    return m.gradients(grad_fn, params)[0]
+
+  grads = jax.vmap(per_device, axis_name=parallel.AXIS)(jnp.asarray(bs))
+  g_sam = np.asarray(grads["model"]["w"][0])
+  np.testing.assert_allclose(grads["model"]["w"][1], g_sam)  # every device the same
+  g = a @ w + bs.mean(0)
+  eps = np.linalg.solve(a, g_sam - bs.mean(0)) - w
+  t = np.abs(w) + eta if name == "asam" else np.ones_like(w)
+  np.testing.assert_allclose(np.linalg.norm(eps / t), rho, rtol=1e-5)
+  np.testing.assert_allclose(g @ eps, rho * np.linalg.norm(t * g), rtol=1e-5)
+  np.testing.assert_allclose(grads["method"]["v"][0], c, rtol=1e-6)
+  for v in seen:  # the unperturbed and the perturbed pass
+    np.testing.assert_array_equal(v, params["method"]["v"])
 
 
 def test_linear_probe_leaves_the_backbone_bit_identical(tmp_path):

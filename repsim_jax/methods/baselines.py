@@ -132,23 +132,22 @@ class SAM(Method):
 
   The ascent direction uses the *global* batch gradient, so the step is the same on any number of
   devices: ε = ρ g/‖g‖ (SAM) or ε = ρ T²g/‖T g‖ with T = |w| + η (ASAM), then the gradient at
-  w + ε. Only model parameters are perturbed.
+  w + ε. Only model parameters are perturbed, and only their gradient sets the ball (a method's
+  own parameters, such as RepSim's Q, are not part of the network being flattened).
   """
   name = "sam"
 
   def gradients(self, grad_fn, params):
     g, aux = grad_fn(params)  # BatchNorm statistics and metrics come from the unperturbed pass.
-    g = parallel.pmean(g)
-    adaptive = self.cfg.name == "asam"
+    g = parallel.pmean(g)["model"]
+    w = params["model"]
     rho, eta = self.cfg.rho, self.cfg.eta
-    if adaptive:
-      t = jax.tree.map(lambda w: jnp.abs(w) + eta, params)
-      norm = optax.tree.norm(jax.tree.map(lambda a, b: a * b, t, g))
-      eps = jax.tree.map(lambda a, b: rho * a * a * b / (norm + 1e-12), t, g)
+    if self.cfg.name == "asam":
+      t = jax.tree.map(lambda x: jnp.abs(x) + eta, w)
+      tg = jax.tree.map(jnp.multiply, t, g)
+      eps = optax.tree.scale(rho / (optax.tree.norm(tg) + 1e-12), jax.tree.map(jnp.multiply, t, tg))
     else:
-      norm = optax.tree.norm(g)
-      eps = jax.tree.map(lambda b: rho * b / (norm + 1e-12), g)
-    eps = {"model": eps["model"], "method": jax.tree.map(jnp.zeros_like, eps["method"])}
-    perturbed = jax.tree.map(lambda w, e: w + e, params, eps)
+      eps = optax.tree.scale(rho / (optax.tree.norm(g) + 1e-12), g)
+    perturbed = {**params, "model": optax.tree.add(w, eps)}
     grads, _ = grad_fn(perturbed)
     return parallel.pmean(grads), aux
