@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from repsim_jax import config_lib, jobs, metric_writers, runs, train
@@ -15,12 +16,13 @@ class Killed(BaseException):
   """Stands in for SIGKILL inside the process (BaseException: nothing catches it on the way)."""
 
 
-def _kill_at(monkeypatch, step, split):
+def _kill_at(monkeypatch, step, split, where=""):
+  """Kills the process after the (step, split) row of a run whose directory contains `where`."""
   real = metric_writers.MetricWriter.write
 
   def write(self, s, sp, m):
     real(self, s, sp, m)
-    if (s, sp) == (step, split):
+    if (s, sp) == (step, split) and where in self.path:
       raise Killed(f"killed after writing {split} at step {step}")
   monkeypatch.setattr(metric_writers.MetricWriter, "write", write)
 
@@ -121,19 +123,21 @@ def test_workdir_that_is_a_file(tmp_path):
     train.train_and_evaluate(tiny_config(tmp_path), str(f))
 
 
-def test_default_run_reruns_only_the_changed_stage(tmp_path):
-  arg = "pretrain_steps=2,finetune_steps=2,size=16"
-  wd = str(tmp_path / "default")
+def _default_config(tmp_path, lam):
+  c = config_lib.load_config(os.path.join(REPO, "configs", "default.py"),
+                             f"pretrain_steps=2,finetune_steps=2,size=16,lam={lam}")
+  for stage in (c.pretrain, c.finetune):
+    stage.data.data_dir = str(tmp_path / "data")
+    stage.data.train_size, stage.data.val_size, stage.data.test_size = 128, 64, 64
+    stage.train.tensorboard = False
+    stage.parallel.num_devices = 1
+    stage.analysis.max_examples = 64
+  return c
 
-  def config(lam):
-    c = config_lib.load_config(os.path.join(REPO, "configs", "default.py"), f"{arg},lam={lam}")
-    for stage in (c.pretrain, c.finetune):
-      stage.data.data_dir = str(tmp_path / "data")
-      stage.data.train_size, stage.data.val_size, stage.data.test_size = 128, 64, 64
-      stage.train.tensorboard = False
-      stage.parallel.num_devices = 1
-      stage.analysis.max_examples = 64
-    return c
+
+def test_default_run_reruns_only_the_changed_stage(tmp_path):
+  wd = str(tmp_path / "default")
+  config = lambda lam: _default_config(tmp_path, lam)  # noqa: E731
   first = jobs.run(config(0.3), wd)
   stages = sorted(d for d in os.listdir(wd) if "-" in d)
   mtimes = {d: os.stat(os.path.join(wd, d, "results.json")).st_mtime_ns for d in stages}
@@ -148,3 +152,46 @@ def test_default_run_reruns_only_the_changed_stage(tmp_path):
   assert second["methods"]["repsim"] != first["methods"]["repsim"]
   cfg = json.load(open(os.path.join(wd, new[0], "config.json")))
   assert cfg["method"]["lam"] == 1.0 and new[0].endswith(runs.identity(cfg))
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("pre")
+  wd = str(tmp / "run")
+  train.train_and_evaluate(tiny_config(tmp, **{"train.num_steps": 4, "train.eval_splits": ()}), wd)
+  return wd
+
+
+# RepSim's Q with Stiefel Adam (moments and count in the optimiser state) and LP-FT killed after
+# its probe-to-full switch at step 6 (the delayed optimiser's counter) resume to the same weights.
+@pytest.mark.parametrize("method,keys", [
+    ("repsim", {"method.q_optimizer": "adam", "method.lam": 3.0}),
+    ("lp_ft", {"method.lp_steps": 6})])
+def test_methods_with_their_own_state_resume_exactly(tmp_path, pretrained, monkeypatch, method,
+                                                     keys):
+  import numpy as np
+  cfg = lambda: _cfg(tmp_path, **{"model.init": pretrained, "method.name": method, **keys})  # noqa: E731
+  ref = train.fit(cfg(), str(tmp_path / "ref"))
+  wd = str(tmp_path / "killed")
+  with monkeypatch.context() as m:
+    _kill_at(m, 9, "train")
+    with pytest.raises(Killed):
+      train.fit(cfg(), wd)
+  resumed = train.fit(cfg(), wd)
+  assert _without_times(resumed.results) == _without_times(ref.results)
+  for a, b in zip(jax.tree.leaves((resumed.state.params, resumed.state.opt_state)),
+                  jax.tree.leaves((ref.state.params, ref.state.opt_state))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_default_run_killed_in_a_stage_resumes_to_the_same_summary(tmp_path, monkeypatch):
+  ref = jobs.run(_default_config(tmp_path, 0.3), str(tmp_path / "ref"))
+  wd = str(tmp_path / "killed")
+  with monkeypatch.context() as m:
+    _kill_at(m, 2, "train", where="finetune_repsim")
+    with pytest.raises(Killed):
+      jobs.run(_default_config(tmp_path, 0.3), wd)
+  resumed = jobs.run(_default_config(tmp_path, 0.3), wd)
+  strip = lambda r: json.loads(json.dumps(r, default=str).replace(str(tmp_path), ""))  # noqa: E731
+  assert {k: v for k, v in strip(resumed).items() if k != "workdir"} == \
+      {k: v for k, v in strip(ref).items() if k != "workdir"}
