@@ -14,6 +14,7 @@ import scipy.special
 from repsim_jax import checkpoint, config_lib, data, models, runs, sweep, train
 from repsim_jax.data import pipeline
 from repsim_jax.transferability import job, scores
+from repsim_jax.transferability.lp_fu import fu_score, lp_score
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGET = "medical_gray"
@@ -87,14 +88,16 @@ def _direct_features(cfg, run_dir):
   model = models.get_model("small_cnn", int(variables["params"]["head"]["bias"].shape[0]))
   it = pipeline.make_eval_iter(splits["train"], global_batch_size=50, image_size=16, channels=3,
                                mean=tuple(cfg.data.mean), std=tuple(cfg.data.std))
-  feats, logits, labels = [], [], []
+  feats, logits, labels, images = [], [], [], []
   for b in it:
     keep = b["mask"] > 0
     lg, reps = model.apply(variables, b["image"][keep], train=False)
     feats.append(np.asarray(reps["pre_logits"]))
     logits.append(np.asarray(lg))
     labels.append(b["label"][keep])
-  return np.concatenate(feats), np.concatenate(logits), np.concatenate(labels)
+    images.append(b["image"][keep])
+  return (np.concatenate(feats), np.concatenate(logits), np.concatenate(labels),
+          np.concatenate(images), model, variables)
 
 
 def test_job_scores_cache_and_rerun(tmp_path, sources):
@@ -116,21 +119,34 @@ def test_job_scores_cache_and_rerun(tmp_path, sources):
     cache, meta = job.load_cache(job.cache_path(wd, name, TARGET))
     assert meta["model"] == "small_cnn" and meta["source_path"] == os.path.abspath(sources[name])
     # The data-parallel extraction (8 devices, padded last batch) equals a plain forward pass.
-    f, lg, lab = _direct_features(cfg, sources[name])
+    f, lg, lab, images, model, variables = _direct_features(cfg, sources[name])
     assert cache["features"].shape == (128, 64)
     np.testing.assert_allclose(cache["features"], f, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(cache["probs"], scipy.special.softmax(lg, axis=1), atol=1e-5)
     np.testing.assert_array_equal(cache["label"], lab)
-    # Scores recomputed from the cache with the library functions equal the CSV.
-    assert value[(name, "logme")] == pytest.approx(scores.logme(cache["features"], cache["label"]),
-                                                   rel=1e-12)
-    assert value[(name, "leep")] == pytest.approx(scores.leep(cache["probs"], cache["label"]),
-                                                  rel=1e-12)
-    assert value[(name, "nce")] == pytest.approx(
-        scores.nce(np.argmax(cache["probs"], 1), cache["label"]), rel=1e-12)
-    assert value[(name, "transrate")] == pytest.approx(
-        scores.transrate(cache["features"], cache["label"]), rel=1e-12)
-    assert value[(name, "fu")] == pytest.approx(float(cache["fu"]), rel=1e-12)
+    # Every score recomputed from the plain forward pass (features, not softmax outputs, for
+    # all but LEEP/NCE) with the library functions equals the CSV.
+    probs = scipy.special.softmax(lg.astype(np.float64), axis=1)
+    expected = {
+        "logme": scores.logme(f, lab), "leep": scores.leep(probs, lab),
+        "nce": scores.nce(np.argmax(lg, 1), lab), "transrate": scores.transrate(f, lab),
+        "h_score": scores.h_score(f, lab), "gbc": scores.gbc(f, lab),
+        "regularized_h_score": scores.regularized_h_score(f, lab),
+        "nleep": scores.nleep(f, lab, seed=cfg.seed,
+                              covariance_type=cfg.nleep.covariance_type),
+        "lp": lp_score(f, lab, n_components=cfg.lp.n_components, k=cfg.lp.k,
+                             pca_dim=cfg.lp.pca_dim or None, batch_size=cfg.lp.batch_size,
+                             steps=cfg.lp.steps, learning_rate=cfg.lp.learning_rate,
+                             seed=cfg.seed),
+        # FU (Juodelyte et al.): gradient norm of an early conv over that of the first conv.
+        "fu": fu_score(
+            lambda p, x: model.apply({"params": p, "batch_stats": variables["batch_stats"]}, x,
+                                     train=False),
+            variables["params"], images, lab, early_layer="block2/conv",
+            first_layer="block1/conv", margin=cfg.fu.margin, batch_size=cfg.fu.batch_size,
+            seed=cfg.seed)}
+    for score, v in expected.items():
+      assert value[(name, score)] == pytest.approx(float(v), rel=2e-3, abs=1e-6), (name, score)
     assert float(cache["fu"]) > 0
     assert value[(name, "nce")] <= 0 and value[(name, "leep")] <= 0  # log-likelihoods
 
