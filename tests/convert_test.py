@@ -2,6 +2,7 @@
 
 import functools
 import importlib.util
+import os
 from pathlib import Path
 
 import jax
@@ -12,7 +13,7 @@ from flax import traverse_util
 from safetensors.numpy import save_file
 
 from repsim_jax.models import get_model
-from repsim_jax.models import convert
+from repsim_jax.models import convert, pth
 
 FIXTURES = Path(__file__).parents[1].parent / "shared" / "fixtures"
 _TINY_VIT = dict(depth=2, width=32, heads=4, mlp_dim=64)  # image 32, patch 8 from the file
@@ -277,12 +278,46 @@ def test_unreadable_inputs(tmp_path):
     convert.load_big_vision_vit_npz(tmp_path / "w.ckpt", arch="vit_ti16")
 
 
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+
+
+def test_pth_tensors_of_every_storage_type_without_torch():
+  # dtypes.pth was written by torch.save (tests/fixtures/make_pth.py); no torch needed to read it.
+  got = pth.load(os.path.join(FIXTURES, "dtypes.pth"), "dtypes.pth")
+  expected = np.load(os.path.join(FIXTURES, "dtypes_expected.npz"))
+  assert sorted(got) == sorted(expected.files)
+  for k in expected.files:
+    np.testing.assert_array_equal(np.asarray(got[k], expected[k].dtype), expected[k], err_msg=k)
+  assert got["f16"].dtype == np.float16 and got["i64"].dtype == np.int64
+  assert got["bool"].dtype == np.bool_ and got["scalar"].shape == ()
+
+
+def test_torchvision_pth_without_torch_equals_the_safetensors(tmp_path):
+  state = dict(np.load(os.path.join(FIXTURES, "resnet_small_torchvision.npz")))
+  save_file(state, str(tmp_path / "same.safetensors"))
+  ref = convert.load_torchvision_resnet(tmp_path / "same.safetensors", arch="resnet_small")
+  # Saved as {"state_dict": ..., "epoch": 3}, as training scripts do.
+  got = convert.load_torchvision_resnet(os.path.join(FIXTURES, "resnet_small_torchvision.pth"),
+                                        arch="resnet_small")
+  _assert_same_tree(got, ref)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("torch") is not None,
-                    reason="torch is installed, so .pth files are readable")
-def test_pth_without_torch_says_how_to_install(tmp_path):
+                    reason="torch is installed, so pre-1.6 .pth files are readable")
+def test_pre_zip_pth_without_torch_says_how_to_convert(tmp_path):
   (tmp_path / "resnet.pth").write_bytes(b"\x80\x02")
-  with pytest.raises(ImportError, match=r"resnet.pth: .*pip install repsim_jax\[torch\]"):
+  with pytest.raises(ValueError, match=r"resnet.pth: not a torch zip checkpoint .*torch.save"):
     convert.load_torchvision_resnet(tmp_path / "resnet.pth", arch="resnet18")
+
+
+def test_pth_that_would_run_code_is_refused(tmp_path):
+  import pickle
+  import zipfile
+  path = tmp_path / "evil.pth"
+  with zipfile.ZipFile(path, "w") as z:
+    z.writestr("evil/data.pkl", pickle.dumps({"w": os.system}))
+  with pytest.raises(ValueError, match=r"evil.pth: holds posix.system|evil.pth: holds os.system"):
+    convert.load_torchvision_resnet(path, arch="resnet18")
 
 
 def test_pth_state_dict_with_torch(tmp_path, small_resnet_state):

@@ -3,7 +3,7 @@
 Each loader builds the target model's variable shapes with `jax.eval_shape` (no compute), maps
 every Flax leaf to its source key(s), checks shapes, and rejects leftover source keys, so a
 wrong `arch` fails loudly with a one-line ValueError naming the file and the first offending
-key. Weights are read with `safetensors.numpy` (no torch needed); `.pth` files need torch.
+key. Weights are read with `safetensors.numpy`, `.pth` files by `models.pth` (neither needs torch).
 
 The number of classes and input channels come from the checkpoint (0 classes when it has no
 head); build the matching model with
@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -34,7 +35,7 @@ _IGNORED_SUFFIXES = ("num_batches_tracked",)  # torch BatchNorm step counters
 
 
 def _read_state_dict(path: str | os.PathLike) -> dict[str, Array]:
-  """Reads a `.safetensors` (numpy API) or `.pth`/`.pt`/`.bin` (torch) state dict."""
+  """Reads a `.safetensors` or `.pth`/`.pt`/`.bin` state dict into NumPy arrays."""
   p = Path(path)
   if not p.is_file():
     raise FileNotFoundError(f"path: no such checkpoint file {str(p)!r}")
@@ -47,20 +48,14 @@ def _read_state_dict(path: str | os.PathLike) -> dict[str, Array]:
       raise ValueError(f"{p.name}: not a readable .safetensors file (truncated or not "
                        f"safetensors: {str(e).splitlines()[0][:120]})") from None
   elif suffix in (".pth", ".pt", ".bin"):
-    try:
-      import torch  # pylint: disable=g-import-not-at-top
-    except ImportError as e:
-      raise ImportError(f"{p.name}: reading {suffix} checkpoints needs torch: "
-                        f"pip install repsim_jax[torch] (or save the state dict as "
-                        f".safetensors)") from e
-    obj = torch.load(str(p), map_location="cpu", weights_only=True)
+    obj = _read_torch(p)
     for wrapper in ("state_dict", "model", "module"):
       if isinstance(obj, Mapping) and wrapper in obj and isinstance(obj[wrapper], Mapping):
         obj = obj[wrapper]
     if not isinstance(obj, Mapping):
       raise ValueError(f"{p.name}: expected a state dict, got {type(obj).__name__}")
-    state = {k: (v.float() if v.is_floating_point() else v).cpu().numpy()
-             for k, v in obj.items() if hasattr(v, "numpy")}
+    state = {str(k): np.asarray(v, np.float32) if np.asarray(v).dtype == np.float16 else
+             np.asarray(v) for k, v in obj.items() if isinstance(v, np.ndarray)}
   else:
     raise ValueError(f"path: expected a .safetensors or .pth file, got {p.name!r}")
   # DataParallel / DDP checkpoints prefix every key with 'module.'.
@@ -68,6 +63,24 @@ def _read_state_dict(path: str | os.PathLike) -> dict[str, Array]:
     state = {k[len("module."):]: v for k, v in state.items()}
   _check_values(p.name, state)
   return state
+
+
+def _read_torch(p: Path):
+  """A torch.save file as Python objects with NumPy arrays: zip checkpoints (torch >= 1.6) by
+  `models.pth` without torch; the pre-1.6 format needs torch."""
+  from repsim_jax.models import pth  # pylint: disable=g-import-not-at-top
+  if zipfile.is_zipfile(p):
+    return pth.load(str(p), p.name)
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return pth.load(str(p), p.name)  # raises: says how to convert or install
+  def to_numpy(x):
+    if isinstance(x, Mapping):
+      return {k: to_numpy(v) for k, v in x.items()}
+    return (x.float() if x.is_floating_point() else x).numpy() if hasattr(x, "numpy") else x
+
+  return to_numpy(torch.load(str(p), map_location="cpu", weights_only=True))
 
 
 def _check_values(name: str, state: Mapping[str, Array]) -> None:

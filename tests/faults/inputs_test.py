@@ -122,11 +122,44 @@ def test_similarity_refuses_meaningless_inputs():
 def test_fuzz_weight_readers(tmp_path, blob):
   """Random bytes as a weights file: the project's ValueError, never a crash or a hang."""
   for suffix, reader in ((".safetensors", convert.load_torchvision_resnet),
+                         (".pth", convert.load_torchvision_resnet),
                          (".npz", convert.load_big_vision_vit_npz)):
     path = tmp_path / f"w{suffix}"
     path.write_bytes(blob)
-    with pytest.raises(ValueError, match=r"w\.(safetensors|npz)"):
-      reader(path, arch="resnet18" if suffix == ".safetensors" else "vit_ti16")
+    with pytest.raises(ValueError, match=r"w\.(safetensors|pth|npz)"):
+      reader(path, arch="vit_ti16" if suffix == ".npz" else "resnet18")
+
+
+PTH = os.path.join(REPO, "tests", "fixtures", "dtypes.pth")
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(member=st.sampled_from(["data.pkl", "data/0", "data/3", "byteorder"]),
+       edits=st.lists(st.tuples(st.integers(0, 10 ** 4), st.integers(0, 255)), min_size=1,
+                      max_size=4),
+       cut=st.one_of(st.none(), st.integers(0, 900)))
+def test_fuzz_pth_members(tmp_path, member, edits, cut):
+  """A real torch.save file with a corrupted pickle, storage or byte order (the zip's CRCs made
+  to match, so the reader itself must cope): a state dict or the ValueError, never a crash."""
+  import zipfile
+  with zipfile.ZipFile(PTH) as z:
+    members = {n: z.read(n) for n in z.namelist()}
+  name = next(n for n in members if n.endswith("/" + member))
+  blob = bytearray(members[name])
+  for pos, value in edits:
+    if blob:
+      blob[pos % len(blob)] = value
+  members[name] = bytes(blob[:cut] if cut is not None else blob)
+  path = tmp_path / "w.pth"
+  with zipfile.ZipFile(path, "w") as z:
+    for n, b in members.items():
+      z.writestr(n, b)
+  try:
+    state = convert._read_state_dict(path)  # pylint: disable=protected-access
+  except ValueError as e:
+    assert str(e).startswith("w.pth: ") and "\n" not in str(e), str(e)
+  else:
+    assert all(isinstance(v, np.ndarray) for v in state.values())
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
