@@ -15,7 +15,7 @@ def run(config, workdir: str):
     raise ValueError(f"config.job={job!r}: expected one of {sorted(JOBS)}")
   runs.check_workdir(workdir)
   if "parallel" in config:
-    parallel.initialize_distributed(config.parallel)
+    parallel.initialize_distributed(config.parallel, workdir)
   os.makedirs(workdir, exist_ok=True)
   return JOBS[job](config, workdir)
 

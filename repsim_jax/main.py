@@ -47,6 +47,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  par = _CONFIG.value.get("parallel")
+  if par is not None and par.get("coordinator_address") and par.get("num_processes", 1) > 1:
+    from repsim_jax import peers  # pylint: disable=g-import-not-at-top
+    peers.supervise(par.get("process_id", 0), _WORKDIR.value)
   from repsim_jax import jobs  # After flag parsing: XLA_FLAGS set by the user apply.
   try:
     jobs.run(_CONFIG.value, _WORKDIR.value)

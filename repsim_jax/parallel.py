@@ -40,16 +40,23 @@ def cpu_compiler_options() -> dict | None:
   return _CPU_COMPILER_OPTIONS
 
 
-def initialize_distributed(cfg) -> None:
-  """Joins a multi-process run when `cfg.coordinator_address` is set (jax.distributed)."""
-  if cfg.get("coordinator_address"):
-    jax.distributed.initialize(
-        coordinator_address=cfg.coordinator_address,
-        num_processes=cfg.num_processes,
-        process_id=cfg.process_id,
-        # A dead peer is noticed within this bound instead of jax's default 100 s.
-        heartbeat_timeout_seconds=int(cfg.get("heartbeat_timeout_seconds", 30)),
-    )
+def initialize_distributed(cfg, workdir: str = "") -> None:
+  """Joins a multi-process run when `cfg.coordinator_address` is set (jax.distributed).
+
+  A peer silent for `cfg.heartbeat_timeout_seconds` ends this process with one line on stderr
+  and exit status 1 (`repsim_jax.peers`; jax's default aborts later with a C++ stack trace).
+  """
+  if not cfg.get("coordinator_address"):
+    return
+  from repsim_jax import peers  # pylint: disable=g-import-not-at-top
+  timeout = int(cfg.get("heartbeat_timeout_seconds", 30))
+  jax.distributed.initialize(
+      coordinator_address=cfg.coordinator_address,
+      num_processes=cfg.num_processes,
+      process_id=cfg.process_id,
+      heartbeat_timeout_seconds=timeout + peers.JAX_HEARTBEAT_SLACK,
+  )
+  peers.watch(timeout, workdir)
 
 
 class DataParallel:

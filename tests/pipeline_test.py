@@ -122,6 +122,24 @@ def test_process_slices_concatenate_to_single_process_batch(augment):
         np.testing.assert_array_equal(got, single[step][key])
 
 
+@pytest.mark.parametrize("count", [2, 4])
+def test_process_shards_never_overlap_and_cover_each_epoch(count):
+  # Example ids (the indexed source's labels): within an epoch no two processes see the same
+  # example, and together they see every example once.
+  n, gb = 48, 8
+  src = _indexed_source(n, size=16)
+  kw = dict(global_batch_size=gb, image_size=16, channels=3, augment="none", seed=3, prefetch=0)
+  for epoch in range(2):
+    ids = [np.concatenate([b["label"] for b in _take(make_train_iter(
+        src, process_index=p, process_count=count, **kw), (epoch + 1) * n // gb)[epoch * n // gb:]])
+        for p in range(count)]
+    for p in range(count):
+      assert len(ids[p]) == n // count
+      for q in range(p):
+        assert not set(ids[p]) & set(ids[q]), (epoch, p, q)
+    np.testing.assert_array_equal(np.sort(np.concatenate(ids)), np.arange(n))
+
+
 def test_augmentation_varies_but_is_seeded():
   src = _indexed_source(8, size=16)
   kw = dict(global_batch_size=8, image_size=16, channels=3, augment="flip_crop", prefetch=0)

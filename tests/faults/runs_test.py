@@ -195,3 +195,58 @@ def test_default_run_killed_in_a_stage_resumes_to_the_same_summary(tmp_path, mon
   strip = lambda r: json.loads(json.dumps(r, default=str).replace(str(tmp_path), ""))  # noqa: E731
   assert {k: v for k, v in strip(resumed).items() if k != "workdir"} == \
       {k: v for k, v in strip(ref).items() if k != "workdir"}
+
+
+def _free_port():
+  import socket
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("victim", [1, 0], ids=["worker_killed", "coordinator_killed"])
+def test_killed_peer_ends_the_others_with_one_line(tmp_path, victim):
+  """2 jax.distributed processes; SIGKILL one after its step-20 checkpoint. The survivor exits 1
+  within the heartbeat timeout (+ 1 s polling) with one `error:` line naming the last checkpoint,
+  and that checkpoint restores."""
+  import signal
+  import time
+  from repsim_jax import checkpoint
+  port, wd, timeout = _free_port(), tmp_path / "multi", 5
+  args = ["--config=configs/finetune.py:model=small_cnn,source=synthetic,dataset=medical_gray,"
+          "size=16,steps=100000,batch=32", f"--config.data.data_dir={tmp_path / 'data'}",
+          "--config.data.train_size=128", "--config.data.val_size=32", "--config.data.test_size=32",
+          "--config.data.num_classes=3", "--config.train.checkpoint_every=20",
+          "--config.train.tensorboard=False", "--config.train.eval_splits=('test',)",
+          f"--config.parallel.coordinator_address=localhost:{port}",
+          f"--config.parallel.heartbeat_timeout_seconds={timeout}",
+          "--config.parallel.num_processes=2", f"--workdir={wd}"]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  procs = [subprocess.Popen([sys.executable, "-m", "repsim_jax.main", *args,
+                             f"--config.parallel.process_id={i}"], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  try:
+    deadline = time.time() + 300
+    while not (wd / "checkpoints" / "20").is_dir():
+      assert time.time() < deadline and all(p.poll() is None for p in procs)
+      time.sleep(0.1)
+    procs[victim].send_signal(signal.SIGKILL)
+    killed_at = time.time()
+    survivor = procs[1 - victim]
+    _, err = survivor.communicate(timeout=timeout + 60)
+    took = time.time() - killed_at
+  finally:
+    for p in procs:
+      p.kill()
+  assert survivor.returncode == 1
+  assert took < timeout + 15, took
+  # Besides progress lines (stderr) and gloo's connection notes, one line: no stack, no log.
+  import re
+  lines = [l for l in err.splitlines()
+           if l.strip() and "Gloo" not in l and not re.match(r"^\[finetune\] step \d+/", l)]
+  assert len(lines) == 1 and lines[0].startswith(f"error: process {1 - victim}: "), err[-3000:]
+  assert "Last checkpoint: step " in lines[0]
+  step = int(lines[0].split("Last checkpoint: step ")[1].split()[0])
+  assert step >= 20
+  assert "params" in checkpoint.load_run_variables(str(wd), step)
