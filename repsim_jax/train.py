@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from typing import Any
 
@@ -547,3 +548,8 @@ def validate(cfg) -> None:
                      "weights (a run dir or a weights file) or use full_ft")
   if cfg.train.num_steps <= 0 and cfg.train.num_epochs <= 0:
     raise ValueError("config.train.num_steps / num_epochs: one of them must be positive")
+  unused = methods_lib.unused_keys(cfg.method)
+  if unused and jax.process_index() == 0:
+    print(f"warning: config.method.{unused[0]}={cfg.method[unused[0]]!r}"
+          + (f" (and {', '.join(unused[1:])})" if unused[1:] else "")
+          + f" not used by method {cfg.method.name!r}", file=sys.stderr, flush=True)

@@ -15,6 +15,7 @@ A method is a loss term plus an optimiser transform. The trainer asks it for
 
 from __future__ import annotations
 
+from repsim_jax import config_lib
 from repsim_jax.methods.base import BACKBONE, Method
 from repsim_jax.methods.baselines import (BSS, DELTA, L2SP, SAM, FullFineTuning, LinearProbe,
                                           LPFT)
@@ -30,4 +31,12 @@ def get_method(cfg) -> Method:
   return METHODS[cfg.name](cfg)
 
 
-__all__ = ["BACKBONE", "METHODS", "Method", "Q_MODES", "get_method"]
+def unused_keys(cfg) -> list[str]:
+  """config.method keys set away from their defaults that the chosen method does not read."""
+  method, defaults = get_method(cfg), config_lib.method_config(cfg.name)
+  norm = lambda v: tuple(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
+  return [k for k in cfg.keys() if k != "name" and k not in method.uses and k in defaults
+          and norm(cfg[k]) != norm(defaults[k])]
+
+
+__all__ = ["BACKBONE", "METHODS", "Method", "Q_MODES", "get_method", "unused_keys"]

@@ -12,10 +12,14 @@ from repsim_jax import parallel, similarity
 BACKBONE = r"^model/(?!head/)"
 
 
+LAMBDA = ("lam", "lam_schedule", "lam_warmup_steps")
+
+
 class Method:
   name = "full_ft"
   needs_reference = False
   reference_forward = False
+  uses: tuple[str, ...] = ()  # the config.method keys it reads besides `name`
 
   def __init__(self, cfg=None):
     self.cfg = cfg

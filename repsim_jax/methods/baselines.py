@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from repsim_jax import parallel
-from repsim_jax.methods.base import BACKBONE, Method, check_layers, gather, lam_at, layer_weights, pool
+from repsim_jax.methods.base import BACKBONE, LAMBDA, Method, check_layers, gather, lam_at, layer_weights, pool
 from repsim_jax.optim import optimizers
 
 
@@ -56,6 +56,7 @@ class LPFT(Method):
   runs in eval mode; the backbone's schedule starts at `lp_steps`.
   """
   name = "lp_ft"
+  uses = ("lp_steps",)
 
   def optimizer(self, make_tx, params):
     rx = re.compile(BACKBONE)
@@ -82,6 +83,7 @@ class L2SP(Method):
   """½α‖w − w₀‖² on the backbone (w₀: pretrained) + ½β‖w‖² on the head (Li et al. 2018)."""
   name = "l2sp"
   needs_reference = True
+  uses = ("alpha", "beta")
 
   def loss(self, params, reps, ref_reps, ref_variables, step):
     back, head = _split(params["model"])
@@ -98,6 +100,7 @@ class DELTA(Method):
   name = "delta"
   needs_reference = True
   reference_forward = True
+  uses = (*LAMBDA, "layers", "layer_weights", "beta")
 
   def loss(self, params, reps, ref_reps, ref_variables, step):
     del ref_variables
@@ -118,6 +121,7 @@ class BSS(Method):
   """Batch Spectral Shrinkage (Chen et al. 2019): η Σ_{i≤k} σ²_{-i}, the k smallest singular
   values of the (global) batch of `pre_logits` features."""
   name = "bss"
+  uses = (*LAMBDA, "bss_k")
 
   def loss(self, params, reps, ref_reps, ref_variables, step):
     f = gather(pool(reps["pre_logits"]))
@@ -136,6 +140,10 @@ class SAM(Method):
   own parameters, such as RepSim's Q, are not part of the network being flattened).
   """
   name = "sam"
+
+  def __init__(self, cfg):
+    super().__init__(cfg)
+    self.uses = ("rho", "eta") if cfg.name == "asam" else ("rho",)
 
   def gradients(self, grad_fn, params):
     g, aux = grad_fn(params)  # BatchNorm statistics and metrics come from the unperturbed pass.

@@ -25,7 +25,7 @@ import numpy as np
 import optax
 
 from repsim_jax import similarity
-from repsim_jax.methods.base import Method, check_layers, gather, lam_at, layer_weights, normalize, pool
+from repsim_jax.methods.base import LAMBDA, Method, check_layers, gather, lam_at, layer_weights, normalize, pool
 from repsim_jax.optim import stiefel
 
 Q_MODES = ("learned", "procrustes", "identity", "covariance", "cka")
@@ -54,6 +54,11 @@ class RepSim(Method):
     if cfg.q_mode not in Q_MODES:
       raise ValueError(f"config.method.q_mode={cfg.q_mode!r}: expected one of {list(Q_MODES)}")
     self.weights = layer_weights(cfg)
+    self.uses = (*LAMBDA, "layers", "layer_weights", "q_mode")
+    if cfg.q_mode in ("learned", "covariance"):
+      self.uses += ("q_init", "q_optimizer", "q_lr", "retraction", "init_batches")
+      if cfg.q_optimizer == "sgd":
+        self.uses += ("q_momentum",)
     self.reference_forward = cfg.q_mode != "covariance"
     self.needs_reference = self.reference_forward
 

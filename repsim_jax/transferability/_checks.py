@@ -7,6 +7,8 @@ mismatched lengths), instead of returning NaN or a silently wrong number.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 
@@ -80,3 +82,14 @@ def as_multilabel(labels, n: int, name: str = "labels") -> np.ndarray:
   if not np.all((y == 0) | (y == 1)):
     raise ValueError(f"{name}: multilabel=True expects 0/1 entries")
   return y
+
+
+def warn_if_degenerate(score: str, f: np.ndarray, why: str) -> None:
+  """Warns (RuntimeWarning) when there are no more examples than feature dimensions, where
+  `score`'s covariance estimate is rank-deficient and its value says more about n and d than
+  about the features."""
+  n, d = f.shape
+  if n <= d:
+    warnings.warn(f"{score}: {n} examples for {d} feature dimensions (n <= d): {why}; use more "
+                  "examples or fewer dimensions (e.g. pca_transform)", RuntimeWarning,
+                  stacklevel=3)

@@ -42,6 +42,7 @@ import io
 import json
 import os
 import re
+import warnings
 
 import jax
 import numpy as np
@@ -439,7 +440,12 @@ def run(config, workdir: str):
     rows = []
     for name in todo:
       try:
-        value = float(compute_score(name, cache, info.task, config))
+        with warnings.catch_warnings(record=True) as said:
+          warnings.simplefilter("always", RuntimeWarning)
+          value = float(compute_score(name, cache, info.task, config))
+        for w in said:
+          if issubclass(w.category, RuntimeWarning):
+            print(f"[{source.name}] warning: {str(w.message).splitlines()[0]}", flush=True)
       except ValueError as e:
         raise ValueError(f"score {name} of source {source.name!r} on {target}: "
                          f"{str(e).splitlines()[0]}") from e

@@ -367,6 +367,7 @@ def nleep(features, labels, *, seed: int = 0, variance: float = 0.8, components_
   """
   f = _checks.as_features(features, dtype=None)
   lab, c = _checks.as_class_labels(labels, f.shape[0])
+  _checks.warn_if_degenerate("nleep", f, "a mixture of that many components can fit single examples, so NLEEP says little")
   z = pca_transform(f, variance=variance)
   k = min(components_per_class * c, f.shape[0])
   post = gaussian_mixture_posteriors(z, k, covariance_type=covariance_type, seed=seed)
@@ -402,6 +403,8 @@ def h_score(features, labels) -> float:
   """H-score (Bao et al. 2019): tr(pinv(cov f) cov(E[f | y])), ddof=1 covariances."""
   f = _checks.as_features(features, dtype=None)
   lab, c = _checks.as_class_labels(labels, f.shape[0])
+  _checks.warn_if_degenerate("h_score", f, "the feature covariance is singular and the score "
+                             "tends to C - 1 whatever the features (regularized_h_score is not)")
   n = f.shape[0]
   f = f - f.mean(axis=0, keepdims=True)
   cov = _gram(f, rows=False) / (n - 1)
@@ -471,6 +474,8 @@ def transrate(features, labels, eps: float = 1e-4) -> float:
   lab, c = _checks.as_class_labels(labels, f.shape[0])
   if not eps > 0:
     raise ValueError(f"eps: expected a positive number, got {eps}")
+  _checks.warn_if_degenerate("transrate", f, "the coding rates grow with n, not with how the "
+                             "classes separate")
   z = f - f.mean(axis=0, keepdims=True)
   whole = _coding_rate(z, eps)
   per_class = [_coding_rate(z[lab == k], eps) for k in range(c)]

@@ -188,3 +188,30 @@ def test_command_line_errors_are_one_line(tmp_path):
   lines = out.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("error: ") and "afile: is a file" in lines[0], \
       out.stderr
+
+
+def test_method_keys_the_method_does_not_read_are_warned(tmp_path, capsys):
+  from repsim_jax import methods
+  c = tiny_config(tmp_path, **{"method.q_mode": "procrustes", "method.lam": 3.0})
+  train.validate(c)
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err == ["warning: config.method.lam=3.0 (and q_mode) not used by method 'full_ft'"]
+  # RepSim reads both; its learned Q reads q_lr, procrustes mode does not.
+  rep = tiny_config(tmp_path, **{"method.name": "repsim", "method.q_mode": "procrustes",
+                                 "method.lam": 3.0, "method.q_lr": 0.5})
+  assert methods.unused_keys(rep.method) == ["q_lr"]
+  rep.method.q_mode = "learned"
+  assert methods.unused_keys(rep.method) == []
+
+
+@pytest.mark.parametrize("score", ["h_score", "transrate", "nleep"])
+def test_scores_warn_when_there_are_fewer_examples_than_dimensions(score):
+  from repsim_jax.transferability import scores
+  rng = np.random.default_rng(0)
+  f, y = rng.normal(size=(40, 64)), rng.integers(0, 3, 40)
+  with pytest.warns(RuntimeWarning, match=rf"{score}: 40 examples for 64 feature dimensions"):
+    getattr(scores, score)(f, y)
+  import warnings
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    getattr(scores, score)(rng.normal(size=(200, 8)), rng.integers(0, 3, 200))
