@@ -95,6 +95,7 @@ def run(config, workdir: str) -> dict:
   import json
   from repsim_jax import checkpoint, config_lib, data, metrics as metrics_lib, parallel, sharpness
   from repsim_jax import train
+  sharpness.check_config(config.sharpness, "config.sharpness")
   run_cfg = load_run_config(config.run)
   with run_cfg.unlocked():
     run_cfg.train.eval_batch_size = config.batch_size

@@ -47,12 +47,12 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-  par = _CONFIG.value.get("parallel")
-  if par is not None and par.get("coordinator_address") and par.get("num_processes", 1) > 1:
-    from repsim_jax import peers  # pylint: disable=g-import-not-at-top
-    peers.supervise(par.get("process_id", 0), _WORKDIR.value)
   from repsim_jax import jobs  # After flag parsing: XLA_FLAGS set by the user apply.
   try:
+    par = _CONFIG.value.get("parallel")  # (loads the config file: errors are caught below)
+    if par is not None and par.get("coordinator_address") and par.get("num_processes", 1) > 1:
+      from repsim_jax import peers  # pylint: disable=g-import-not-at-top
+      peers.supervise(par.get("process_id", 0), _WORKDIR.value)
     jobs.run(_CONFIG.value, _WORKDIR.value)
   except (ValueError, OSError, FloatingPointError, KeyError) as e:
     # ml_collections reports a config file it could not load on first use, the cause last.

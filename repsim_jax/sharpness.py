@@ -425,6 +425,14 @@ def default_config() -> ml_collections.ConfigDict:
   ))
 
 
+def check_config(cfg, key: str) -> None:
+  """Raises the settings' ValueError at start-up, naming them as the config does (`key`)."""
+  try:
+    _normalise_config(cfg)
+  except ValueError as e:
+    raise ValueError(str(e).replace("cfg", key, 1)) from None
+
+
 def _normalise_config(cfg) -> tuple:
   out = default_config().to_dict()
   if cfg is not None:

@@ -548,6 +548,7 @@ def validate(cfg) -> None:
                      "weights (a run dir or a weights file) or use full_ft")
   if cfg.train.num_steps <= 0 and cfg.train.num_epochs <= 0:
     raise ValueError("config.train.num_steps / num_epochs: one of them must be positive")
+  sharpness.check_config(cfg.analysis.sharpness, "config.analysis.sharpness")
   unused = methods_lib.unused_keys(cfg.method)
   if unused and jax.process_index() == 0:
     print(f"warning: config.method.{unused[0]}={cfg.method[unused[0]]!r}"

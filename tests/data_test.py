@@ -118,7 +118,7 @@ def test_corrupt_npz(tmp_path):
 
 
 def test_unknown_source():
-  with pytest.raises(ValueError, match="cfg.source"):
+  with pytest.raises(ValueError, match=r"^config.data.source='kaggle': expected one of"):
     load_dataset(_cfg(source="kaggle"))
 
 

@@ -15,6 +15,20 @@ def _get(cfg, key: str, default: Any) -> Any:
 
 
 def load_dataset(cfg) -> tuple[dict[str, Any], DatasetInfo]:
+  """`_load` with its argument errors named as the config keys they come from: the loaders
+  say `size: expected >= 8 pixels`, a user of the command line reads `config.data.size=4: ...`."""
+  try:
+    return _load(cfg)
+  except ValueError as e:
+    text = str(e)
+    word = text.split(":", 1)[0]
+    key = word[4:] if word.startswith("cfg.") else word
+    if key.isidentifier() and key in cfg:
+      raise ValueError(f"config.data.{key}={cfg[key]!r}:{text.split(':', 1)[1]}") from e
+    raise
+
+
+def _load(cfg) -> tuple[dict[str, Any], DatasetInfo]:
   """Loads the splits described by an ml_collections ConfigDict (or any mapping).
 
   `cfg.source` selects the loader; its keys (defaults in brackets):

@@ -70,7 +70,11 @@ def test_bad_training_configs_fail_before_training(tmp_path):
            ({"data.val_size": 0}, "the 'val' split of 'medical_gray' is empty"),
            ({"data.image_size": -8}, r"config.data.image_size=-8: expected 0 or a positive"),
            ({"method.name": "repsim"}, r"config.model.init is empty"),
-           ({"method.name": "l2sp"}, r"config.model.init is empty")]
+           ({"method.name": "l2sp"}, r"config.model.init is empty"),
+           ({"data.size": 4}, r"^config.data.size=4: expected >= 8 pixels"),
+           ({"data.kind": "xray"}, r"^config.data.kind='xray': expected one of"),
+           ({"analysis.sharpness.measures": "sam,flatness"},
+            r"^config.analysis.sharpness.measures: expected a non-empty subset")]
   for overrides, message in cases:
     wd = tmp_path / f"run{len(os.listdir(tmp_path))}"
     with pytest.raises(ValueError, match=message):
