@@ -278,13 +278,13 @@ def test_unreadable_inputs(tmp_path):
     convert.load_big_vision_vit_npz(tmp_path / "w.ckpt", arch="vit_ti16")
 
 
-FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+OURS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")  # .pth by torch
 
 
 def test_pth_tensors_of_every_storage_type_without_torch():
   # dtypes.pth was written by torch.save (tests/fixtures/make_pth.py); no torch needed to read it.
-  got = pth.load(os.path.join(FIXTURES, "dtypes.pth"), "dtypes.pth")
-  expected = np.load(os.path.join(FIXTURES, "dtypes_expected.npz"))
+  got = pth.load(os.path.join(OURS, "dtypes.pth"), "dtypes.pth")
+  expected = np.load(os.path.join(OURS, "dtypes_expected.npz"))
   assert sorted(got) == sorted(expected.files)
   for k in expected.files:
     np.testing.assert_array_equal(np.asarray(got[k], expected[k].dtype), expected[k], err_msg=k)
@@ -293,11 +293,11 @@ def test_pth_tensors_of_every_storage_type_without_torch():
 
 
 def test_torchvision_pth_without_torch_equals_the_safetensors(tmp_path):
-  state = dict(np.load(os.path.join(FIXTURES, "resnet_small_torchvision.npz")))
+  state = dict(np.load(os.path.join(OURS, "resnet_small_torchvision.npz")))
   save_file(state, str(tmp_path / "same.safetensors"))
   ref = convert.load_torchvision_resnet(tmp_path / "same.safetensors", arch="resnet_small")
   # Saved as {"state_dict": ..., "epoch": 3}, as training scripts do.
-  got = convert.load_torchvision_resnet(os.path.join(FIXTURES, "resnet_small_torchvision.pth"),
+  got = convert.load_torchvision_resnet(os.path.join(OURS, "resnet_small_torchvision.pth"),
                                         arch="resnet_small")
   _assert_same_tree(got, ref)
 
