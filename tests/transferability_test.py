@@ -254,9 +254,10 @@ def test_h_score_reference_and_linear_invariance():
   np.testing.assert_allclose(h, _hscore_reference(f, y), rtol=1e-9)
   a = np.random.default_rng(9).standard_normal((8, 8)) + 3 * np.eye(8)  # invertible
   np.testing.assert_allclose(T.h_score(f @ a + 5.0, y), h, rtol=1e-7)
-  # Rank-deficient covariance (n < d): pseudo-inverse semantics.
+  # Rank-deficient covariance (n < d): pseudo-inverse semantics, and a warning that it is so.
   f2, y2 = _blobs(n=12, d=20, c=3, seed=10)
-  np.testing.assert_allclose(T.h_score(f2, y2), _hscore_reference(f2, y2), rtol=1e-6)
+  with pytest.warns(RuntimeWarning, match="n <= d"):
+    np.testing.assert_allclose(T.h_score(f2, y2), _hscore_reference(f2, y2), rtol=1e-6)
 
 
 def test_ledoit_wolf_matches_direct_formula():
