@@ -2,7 +2,7 @@
 
   python benchmarks/feature_extraction.py [--model resnet50] [--size 224] [--batch 64] [--batches 4]
 
-Runs `analysis.make_feature_step` (eval-mode forward, every representation pooled on device)
+Runs `evaluation.make_step` (eval-mode forward, every representation pooled on device)
 through `DataParallel` over all local devices on random images, and prints one JSON line.
 """
 
@@ -13,7 +13,7 @@ import time
 import jax
 import numpy as np
 
-from repsim_jax import analysis, models, parallel
+from repsim_jax import evaluation, models, parallel
 
 
 def main():
@@ -27,13 +27,13 @@ def main():
   x = np.random.default_rng(0).normal(size=(a.batch, a.size, a.size, 3)).astype(np.float32)
   variables = jax.tree.map(np.asarray, model.init(jax.random.PRNGKey(0), x[:1], train=False))
   dp = parallel.DataParallel("shard_map", -1)
-  step = dp.compile(analysis.make_feature_step(model), donate_state=False, sharded_out=True)
+  step = dp.compile(evaluation.make_step(model, layers=None), donate_state=False, sharded_out=True)
   batch = {"image": x, "label": np.zeros(a.batch, np.int32), "mask": np.ones(a.batch, np.float32)}
   t0 = time.perf_counter()
-  analysis.extract_features(dp, step, variables, [batch])
+  evaluation.extract_features(dp, step, variables, [batch])
   compile_s = time.perf_counter() - t0
   t0 = time.perf_counter()
-  feats = analysis.extract_features(dp, step, variables, [batch] * a.batches)
+  feats = evaluation.extract_features(dp, step, variables, [batch] * a.batches)
   dt = time.perf_counter() - t0
   print(json.dumps({"model": a.model, "size": a.size, "batch": a.batch, "devices": dp.num_devices,
                     "backend": jax.default_backend(), "compile_plus_first_s": round(compile_s, 2),

@@ -1,9 +1,5 @@
-"""Representations of whole datasets, and model-to-model similarity on them.
-
-Features are extracted data-parallel (the same per-device step layout as training), pooled on
-device to (N, d) per layer (`similarity.pool_features`), and compared with every measure of
-`repsim_jax.similarity`, layers of equal shape vmapped in one jitted call.
-"""
+"""The `analyze` job: every layer of a finished run against the weights it started from, with
+every similarity measure, the cross-layer CKA matrix, task metrics and sharpness."""
 
 from __future__ import annotations
 
@@ -13,55 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from repsim_jax import parallel, similarity
-
-
-def make_feature_step(model, layers=None, pool: str = "mean"):
-  """Per-device `step(variables, batch, rng) -> (0, {layer: (n, d) pooled features})`."""
-
-  def step(variables, batch, rng):
-    del rng
-    logits, reps = model.apply(variables, batch["image"], train=False)
-    names = layers or list(reps)
-    step.layer_order[:] = names  # pytrees sort dict keys; keep the model's shallow-to-deep order
-    out = {name: similarity.pool_features(reps[name], pool).astype(jnp.float32) for name in names}
-    out["logits"] = logits.astype(jnp.float32)
-    return jnp.zeros(()), out
-
-  step.layer_order = list(layers or ())
-  return step
-
-
-def extract_features(dp, step_fn, variables, batches, max_examples: int = 0) -> dict:
-  """Runs a compiled feature step over `batches` (eval iterator with 'mask'), host NumPy out."""
-  var_dev = dp.put_replicated(variables)
-  rng = dp.put_replicated(np.zeros((), np.int32))
-  chunks, labels = [], []
-  total = 0
-  for batch in batches:
-    _, out = step_fn(var_dev, dp.put_batch({"image": batch["image"]}), rng)
-    out = dp.get_sharded(out)
-    lab = parallel.gather_host({"l": batch["label"], "m": batch["mask"]})
-    keep = lab["m"] > 0
-    chunks.append({k: v[keep] for k, v in out.items()})
-    labels.append(lab["l"][keep])
-    total += int(keep.sum())
-    if max_examples and total >= max_examples:
-      break
-  feats = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
-  feats["label"] = np.concatenate(labels)
-  if max_examples:
-    feats = {k: v[:max_examples] for k, v in feats.items()}
-  return feats
-
-
-def compare(feats_a: dict, feats_b: dict, measures=("linear_cka",), layers=None) -> dict:
-  """{measure: {layer: value}} between two models' features of the same examples."""
-  names = [n for n in (layers or feats_a) if n not in ("label", "logits") and n in feats_b]
-  a = {n: feats_a[n] for n in names}
-  b = {n: feats_b[n] for n in names}
-  return {m: {k: float(v) for k, v in similarity.layerwise_similarity(a, b, measure=m).items()}
-          for m in measures}
+from repsim_jax import evaluation, similarity
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,7 +42,6 @@ def run(config, workdir: str) -> dict:
   with `config.baseline` (another run, e.g. full fine-tuning) the relative sharpness change."""
   import json
   from repsim_jax import checkpoint, config_lib, data, metrics as metrics_lib, parallel, sharpness
-  from repsim_jax import train
   sharpness.check_config(config.sharpness, "config.sharpness")
   run_cfg = load_run_config(config.run)
   with run_cfg.unlocked():
@@ -105,7 +52,7 @@ def run(config, workdir: str) -> dict:
   splits, info = data.load_dataset(run_cfg.data)
   if config.split not in splits:
     raise ValueError(f"config.split={config.split!r}: the dataset has splits {sorted(splits)}")
-  _, eval_iter_fn = train.make_iters(run_cfg, splits, info, seed=run_cfg.seed)
+  _, eval_iter_fn = data.make_iters(run_cfg, splits, info, seed=run_cfg.seed)
 
   tuned = checkpoint.load_run_variables(config.run, config.step or None)
   ref_path = config.reference or run_cfg.model.init
@@ -117,15 +64,16 @@ def run(config, workdir: str) -> dict:
   reference.setdefault("batch_stats", {})
   tuned.setdefault("batch_stats", {})
   model_t, model_r = _model_for(run_cfg, tuned), _model_for(run_cfg, reference)
-  step_t = make_feature_step(model_t)
-  feats_t = extract_features(dp, dp.compile(step_t, donate_state=False, sharded_out=True), tuned,
-                             eval_iter_fn(config.split), config.max_examples)
-  feats_r = extract_features(
-      dp, dp.compile(make_feature_step(model_r), donate_state=False, sharded_out=True), reference,
+  step_t = evaluation.make_step(model_t, layers=None)
+  feats_t = evaluation.extract_features(
+      dp, dp.compile(step_t, donate_state=False, sharded_out=True), tuned,
       eval_iter_fn(config.split), config.max_examples)
+  feats_r = evaluation.extract_features(
+      dp, dp.compile(evaluation.make_step(model_r, layers=None), donate_state=False,
+                     sharded_out=True), reference, eval_iter_fn(config.split), config.max_examples)
   layers = step_t.layer_order
   measures = tuple(config.measures) or tuple(similarity.MEASURES)
-  layerwise = compare(feats_t, feats_r, measures, layers)
+  layerwise = evaluation.compare(feats_t, feats_r, measures, layers)
   names_a, names_b, matrix = similarity.cross_layer_similarity(
       {k: feats_t[k] for k in layers}, {k: feats_r[k] for k in layers})
   task = metrics_lib.classification_metrics(feats_t["logits"], feats_t["label"], info.task)
@@ -135,7 +83,8 @@ def run(config, workdir: str) -> dict:
   rng = jax.random.PRNGKey(config.seed)
 
   def sharp(run_dir, variables, model):
-    loss_fn = jax.tree_util.Partial(train.eval_loss, model, info.task, variables["batch_stats"])
+    loss_fn = jax.tree_util.Partial(evaluation.eval_loss, model, info.task,
+                                    variables["batch_stats"])
     return sharpness.sharpness_report(loss_fn, variables["params"], probe, rng, config.sharpness)
 
   report = {"run": config.run, "reference": ref_path, "split": config.split,

@@ -23,11 +23,10 @@ import ml_collections
 import numpy as np
 import optax
 
-from repsim_jax import analysis, checkpoint as ckpt_lib
-from repsim_jax import config_lib, data, metrics as metrics_lib, metric_writers, models, parallel
+from repsim_jax import checkpoint as ckpt_lib, evaluation
+from repsim_jax import config_lib, data, metric_writers, models, parallel
 from repsim_jax import host, runs, sharpness, similarity
 from repsim_jax import methods as methods_lib
-from repsim_jax.data import pipeline
 from repsim_jax.optim import optimizers
 
 AXIS = parallel.AXIS
@@ -47,13 +46,6 @@ class TrainState:
 # ---------------------------------------------------------------------------------------------
 # Losses and steps (pure, per device).
 # ---------------------------------------------------------------------------------------------
-def per_example_loss(logits, labels, task: str):
-  logits = logits.astype(jnp.float32)
-  if task == "multilabel":
-    return optax.sigmoid_binary_cross_entropy(logits, labels.astype(jnp.float32)).mean(-1)
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-
-
 def _correct(logits, labels, task: str):
   if task == "multilabel":
     return ((logits > 0) == (labels > 0)).mean(-1).astype(jnp.float32)
@@ -111,7 +103,7 @@ def make_train_step(model, method: methods_lib.Method, tx, task: str, log_every:
 
     def loss_fn(params):
       logits, reps, new_stats = forward(params)
-      task_loss = jnp.mean(per_example_loss(logits, labels, task))
+      task_loss = jnp.mean(evaluation.per_example_loss(logits, labels, task))
       reg, reg_metrics = method.loss(params, reps, ref_reps, state.ref_variables, state.step)
       return task_loss + reg, (task_loss, reg_metrics, logits, new_stats, reps)
 
@@ -179,25 +171,6 @@ def _layerwise_cka(model, state, images, reps, ref_reps):
   return {f"cka/{k}": v for k, v in similarity.layerwise_similarity(a, b).items()}
 
 
-def eval_loss(model, task, batch_stats, params, batch):
-  """Eval-mode (running BatchNorm statistics) mean task loss: what sharpness is measured on."""
-  logits, _ = model.apply({"params": params, "batch_stats": batch_stats}, batch["image"],
-                          train=False)
-  return jnp.mean(per_example_loss(logits, batch["label"], task))
-
-
-def make_eval_step(model):
-  """Per-device `eval_step(state, batch, rng) -> (None-like scalar, logits)`; metrics on host."""
-
-  def eval_step(state: TrainState, batch, rng):
-    del rng
-    variables = {"params": state.params["model"], "batch_stats": state.batch_stats}
-    logits, _ = model.apply(variables, batch["image"], train=False)
-    return jnp.zeros(()), logits.astype(jnp.float32)
-
-  return eval_step
-
-
 # ---------------------------------------------------------------------------------------------
 # Host side.
 # ---------------------------------------------------------------------------------------------
@@ -232,48 +205,6 @@ def load_init_variables(cfg, model_variables: dict) -> dict:
     else:
       params.pop("head", None)
   return {"params": params, "batch_stats": pretrained.get("batch_stats", {})}
-
-
-def input_shape(cfg, info) -> tuple[int, int, int]:
-  size = cfg.data.image_size or info.image_shape[0]
-  return (size, size, cfg.data.channels or info.image_shape[2])
-
-
-def make_iters(cfg, splits, info, *, seed: int):
-  shape = input_shape(cfg, info)
-  common = dict(global_batch_size=cfg.train.batch_size, image_size=shape[0], channels=shape[2],
-                mean=tuple(cfg.data.mean), std=tuple(cfg.data.std),
-                process_index=jax.process_index(), process_count=jax.process_count())
-  train_iter = pipeline.make_train_iter(splits["train"], augment=cfg.data.augment, seed=seed,
-                                        worker_count=cfg.data.worker_count, **common)
-  eval_batch = cfg.train.eval_batch_size or cfg.train.batch_size
-
-  def eval_iter(split):
-    kw = dict(common, global_batch_size=eval_batch)
-    return pipeline.make_eval_iter(splits[split], **kw)
-  return train_iter, eval_iter
-
-
-def evaluate(dp, p_eval, state, eval_iter_fn, split, info, max_batches: int = 0) -> dict:
-  logits, labels = [], []
-  for i, batch in enumerate(eval_iter_fn(split)):
-    if max_batches and i >= max_batches:
-      break
-    _, out = p_eval(state, dp.put_batch({"image": batch["image"]}), state.step)
-    out = dp.get_sharded(out)
-    # Gather this process's labels/mask with the others' so every host has the whole split.
-    lab = parallel.gather_host({"l": batch["label"], "m": batch["mask"]})
-    keep = lab["m"] > 0
-    logits.append(out[keep])
-    labels.append(lab["l"][keep])
-  logits = np.concatenate(logits)
-  labels = np.concatenate(labels)
-  out = metrics_lib.classification_metrics(logits, labels, info.task)
-  labels_for_loss = labels if info.task == "multilabel" else labels.astype(np.int32)
-  out["loss"] = float(np.mean(per_example_loss(jnp.asarray(logits), jnp.asarray(labels_for_loss),
-                                                info.task)))
-  out["num_examples"] = int(labels.shape[0])
-  return out
 
 
 @dataclasses.dataclass
@@ -325,7 +256,7 @@ class _Run:
                                           **dict(cfg.model.kwargs))
     rng = jax.random.PRNGKey(cfg.seed)
     init_rng, method_rng, self.step_rng = jax.random.split(rng, 3)
-    variables = init_model_variables(model, cfg, input_shape(cfg, info), init_rng)
+    variables = init_model_variables(model, cfg, data.input_shape(cfg, info), init_rng)
     if cfg.model.init:
       variables = load_init_variables(cfg, variables)
     variables.setdefault("batch_stats", {})
@@ -333,10 +264,10 @@ class _Run:
 
     self.method = method = methods_lib.get_method(cfg.method)
     self.num_steps = num_train_steps(cfg, len(splits["train"]))
-    self.train_iter, self.eval_iter_fn = make_iters(cfg, splits, info, seed=cfg.seed)
+    self.train_iter, self.eval_iter_fn = data.make_iters(cfg, splits, info, seed=cfg.seed)
     # Method parameters are initialised from a few batches of a separate iterator, so the
     # training stream (and hence resumption) is the same with or without them.
-    init_iter = make_iters(cfg, splits, info, seed=cfg.seed + 1)[0]
+    init_iter = data.make_iters(cfg, splits, info, seed=cfg.seed + 1)[0]
     init_batches = [next(init_iter) for _ in range(cfg.method.get("init_batches", 1))]
     method_params = method.init_params(method_rng, variables, init_batches, model.apply)
     params = {"model": variables["params"], "method": method_params}
@@ -410,7 +341,7 @@ class _Run:
                                          cfg.train.log_every, num_steps,
                                          cfg.analysis.in_step_similarity,
                                          cfg.train.skip_nonfinite_steps))
-    p_eval = dp.compile(make_eval_step(self.model), donate_state=False, sharded_out=True)
+    p_eval = dp.compile(evaluation.make_step(self.model), donate_state=False, sharded_out=True)
     state = dp.put_replicated(self.state)
     rng_dev = dp.put_replicated(np.asarray(self.step_rng))
     progress = metric_writers.Progress(num_steps, cfg.train.batch_size, start,
@@ -424,7 +355,7 @@ class _Run:
 
     def run_sharpness(state, step):
       h = dp.get_replicated(state)
-      loss_fn = jax.tree_util.Partial(eval_loss, self.model, info.task, h.batch_stats)
+      loss_fn = jax.tree_util.Partial(evaluation.eval_loss, self.model, info.task, h.batch_stats)
       m = sharpness.sharpness_report(loss_fn, h.params["model"], probe,
                                      jax.random.PRNGKey(cfg.seed), cfg.analysis.sharpness)
       writer.write(step, "sharpness", m)
@@ -432,8 +363,9 @@ class _Run:
 
     def run_eval(state, step):
       row = {}
+      variables = {"params": state.params["model"], "batch_stats": state.batch_stats}
       for split in cfg.train.eval_splits:
-        m = evaluate(dp, p_eval, state, self.eval_iter_fn, split, info)
+        m = evaluation.evaluate(dp, p_eval, variables, self.eval_iter_fn(split), info.task)
         writer.write(step, split, m)
         row[split] = m
       self.history.append({"step": step, **row})
@@ -468,8 +400,14 @@ class _Run:
     host_state = dp.get_replicated(state)
     sim = {}
     if cfg.model.init and cfg.analysis.final_similarity:
-      sim = final_similarity(cfg, dp, self.model, self.init_variables, host_state,
-                             self.eval_iter_fn, splits)
+      # Every representation against the initial (pretrained) weights, on config.analysis.split.
+      split = cfg.analysis.split if cfg.analysis.split in splits else "val"
+      sim = evaluation.similarity_to(
+          dp, self.model, {"params": host_state.params["model"],
+                           "batch_stats": host_state.batch_stats},
+          {"params": self.init_variables["params"],
+           "batch_stats": self.init_variables["batch_stats"]},
+          lambda: self.eval_iter_fn(split), cfg.analysis.measures, cfg.analysis.max_examples)
       writer.write(num_steps, "similarity", {f"{m}/{k}": v for m, d in sim.items()
                                             for k, v in d.items()})
     writer.close()
@@ -491,20 +429,6 @@ def check_splits(cfg, splits) -> None:
                        f"(it has {sorted(splits)})")
     if len(splits[split]) == 0:
       raise ValueError(f"config.data: the {split!r} split of {cfg.data.name!r} is empty")
-
-
-def final_similarity(cfg, dp, model, init_variables, host_state, eval_iter_fn, splits) -> dict:
-  """Similarity of every named representation of the trained model to the initial (pretrained)
-  one on `config.analysis.split`: {measure: {layer: value}}."""
-  split = cfg.analysis.split if cfg.analysis.split in splits else "val"
-  feature_step = analysis.make_feature_step(model)
-  step = dp.compile(feature_step, donate_state=False, sharded_out=True)
-  pretrained = {"params": init_variables["params"], "batch_stats": init_variables["batch_stats"]}
-  tuned = {"params": host_state.params["model"], "batch_stats": host_state.batch_stats}
-  fa = analysis.extract_features(dp, step, tuned, eval_iter_fn(split), cfg.analysis.max_examples)
-  fb = analysis.extract_features(dp, step, pretrained, eval_iter_fn(split),
-                                 cfg.analysis.max_examples)
-  return analysis.compare(fa, fb, tuple(cfg.analysis.measures), feature_step.layer_order)
 
 
 def _best_by_val(history):

@@ -7,7 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from repsim_jax import analysis, checkpoint, config_lib, data, metric_writers, models, sharpness
+from repsim_jax import analysis, checkpoint, config_lib, data, evaluation, metric_writers, models
+from repsim_jax import sharpness
 from repsim_jax import train
 from train_test import tiny_config
 
@@ -66,7 +67,7 @@ def test_periodic_sharpness_matches_an_offline_report(pretrained):
   probe = [{"image": x, "label": src.labels[:32]}]
   v = checkpoint.load_run_variables(wd)
   model = models.get_model("small_cnn", info.num_classes)
-  loss_fn = jax.tree_util.Partial(train.eval_loss, model, info.task, v["batch_stats"])
+  loss_fn = jax.tree_util.Partial(evaluation.eval_loss, model, info.task, v["batch_stats"])
   offline = sharpness.sharpness_report(loss_fn, v["params"], probe, jax.random.PRNGKey(cfg.seed),
                                        cfg.analysis.sharpness)
   for k in ("loss", "sam_sharpness", "hessian_top_eigenvalue"):

@@ -203,9 +203,9 @@ def fu_settings(config, source: Source, task: str) -> dict | None:
 # Extraction (data-parallel forward pass, then FU on one device).
 # ---------------------------------------------------------------------------------------------
 def _eval_iter(config, split_source, info):
-  from repsim_jax import train  # pylint: disable=g-import-not-at-top
+  from repsim_jax import data  # pylint: disable=g-import-not-at-top
   from repsim_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  shape = train.input_shape(config, info)
+  shape = data.input_shape(config, info)
   return pipeline.make_eval_iter(
       split_source, global_batch_size=config.batch_size, image_size=shape[0], channels=shape[2],
       mean=tuple(config.data.mean), std=tuple(config.data.std),
@@ -236,12 +236,12 @@ def _load_source(source: Source) -> tuple[dict, int]:
 def extract(config, source: Source, dp, train_split, info, fu: dict | None = None) -> dict:
   """Cache arrays for one source on the target's train split (see the module docstring);
   FU too when `fu` (from `fu_settings`) is given."""
-  from repsim_jax import analysis, models, parallel  # pylint: disable=g-import-not-at-top
+  from repsim_jax import evaluation, models, parallel  # pylint: disable=g-import-not-at-top
   variables, head = _load_source(source)
   model = models.get_model(source.model, head, bn_axis_name=parallel.AXIS, **dict(source.kwargs))
-  step = dp.compile(analysis.make_feature_step(model, layers=["pre_logits"]),
+  step = dp.compile(evaluation.make_step(model, layers=["pre_logits"]),
                     donate_state=False, sharded_out=True)
-  feats = analysis.extract_features(dp, step, variables, _eval_iter(config, train_split, info),
+  feats = evaluation.extract_features(dp, step, variables, _eval_iter(config, train_split, info),
                                     config.max_examples)
   out = {"features": feats["pre_logits"].astype(np.float32), "label": feats["label"],
          "fu": np.asarray(np.nan, np.float64)}
