@@ -6,19 +6,19 @@ imagenet=resnet18@weights/r18.safetensors;pretrain=runs/pretrain_r18"
 
 `:key=val` args: sources, target (sets data.name and data.kind), source (data source: medmnist |
 image_folder | tfds | synthetic), size, image_size, data_dir, max_examples (0 = the whole train
-split), batch, scores ('+'-separated subset of repsim_jax.transferability.job.SCORES), seed.
+split), batch, scores ('+'-separated subset of repsim_jax.jobs.transferability.SCORES), seed.
 Sources: `name=model@path` items separated by ';' (quote them for the shell), or a file with one
 item a line; `name=path` for a repsim_jax run dir (config.json names the model). Any other data
 setting: `--config.data.*` (e.g. mean/std matching the sources' pretraining). With
 `--config.sources=...` (no `:arg` splitting) items may also be separated by ','.
 Writes <workdir>/features/<source>__<target>.npz (cache) and appends to <workdir>/scores.csv
-(`source,target,score,value`); reruns reuse both (see repsim_jax/transferability/job.py).
+(`source,target,score,value`); reruns reuse both (see repsim_jax/jobs/transferability.py).
 """
 
 import ml_collections
 
 from repsim_jax import config_lib
-from repsim_jax.transferability.job import SCORES
+from repsim_jax.jobs.transferability import SCORES
 
 
 def get_config(arg=None):

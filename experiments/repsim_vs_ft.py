@@ -20,7 +20,8 @@ import sys
 import numpy as np
 import pandas as pd
 
-from repsim_jax import config_lib, default_run, host
+from repsim_jax import config_lib, host
+from repsim_jax.jobs import default as default_run
 
 
 def run_study(workdir: str, seeds, lams, finetune_steps: int = 0, pretrain_steps: int = 0,

@@ -7,8 +7,9 @@ import jax
 import numpy as np
 import pytest
 
-from repsim_jax import analysis, checkpoint, config_lib, data, evaluation, metric_writers, models
+from repsim_jax import checkpoint, config_lib, data, evaluation, metric_writers, models
 from repsim_jax import sharpness
+from repsim_jax.jobs import analyze as analysis
 from repsim_jax import train
 from train_test import tiny_config
 

@@ -97,7 +97,7 @@ def transfer(root, pretrained):
 def test_transferability_of_a_weights_file_and_a_run(transfer, root):
   from repsim_jax import checkpoint, data, models
   from repsim_jax.data import pipeline
-  from repsim_jax.transferability import job
+  from repsim_jax.jobs import transferability as job
   wd, out = transfer
   scores = pd.read_csv(wd / "scores.csv")
   assert set(scores.source) == {"tv", "ours"}

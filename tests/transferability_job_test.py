@@ -11,9 +11,10 @@ import pandas as pd
 import pytest
 import scipy.special
 
-from repsim_jax import checkpoint, config_lib, data, models, runs, sweep, train
+from repsim_jax import checkpoint, config_lib, data, models, runs, train
 from repsim_jax.data import pipeline
-from repsim_jax.transferability import job, scores
+from repsim_jax.jobs import sweep, transferability as job
+from repsim_jax.transferability import scores
 from repsim_jax.transferability.lp_fu import fu_score, lp_score
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,4 +1,5 @@
-"""The jobs `main.py` runs, chosen by `config.job`."""
+"""The jobs `main.py` runs, chosen by `config.job`: `train` (here), `default` (the embedded
+end-to-end run), `analyze`, `transferability` and `sweep` (a module each)."""
 
 from __future__ import annotations
 
@@ -30,27 +31,17 @@ def _train(config, workdir):
   return results
 
 
-def _default(config, workdir):
-  from repsim_jax import default_run
-  return default_run.run(config, workdir)
+def _module_run(name):
+  """The `run(config, workdir)` of `repsim_jax.jobs.<name>`, imported when the job runs."""
+
+  def run_job(config, workdir):
+    import importlib  # pylint: disable=g-import-not-at-top
+    return importlib.import_module(f"repsim_jax.jobs.{name}").run(config, workdir)
+
+  return run_job
 
 
-def _analyze(config, workdir):
-  from repsim_jax import analysis
-  if not config.run:
-    raise ValueError("config.run: name the run directory to analyse (configs/analyze.py:run=DIR)")
-  return analysis.run(config, workdir)
-
-
-def _transferability(config, workdir):
-  from repsim_jax.transferability import job
-  return job.run(config, workdir)
-
-
-def _sweep(config, workdir):
-  from repsim_jax import sweep
-  return sweep.run(config, workdir)
-
-
-JOBS = {"train": _train, "default": _default, "analyze": _analyze,
-        "transferability": _transferability, "sweep": _sweep}
+# config.job -> the job. Each module here is one command; a new job is a module with
+# `run(config, workdir)` and an entry below.
+JOBS = {"train": _train, "default": _module_run("default"), "analyze": _module_run("analyze"),
+        "transferability": _module_run("transferability"), "sweep": _module_run("sweep")}

@@ -26,7 +26,7 @@ import re
 import jax
 import ml_collections
 
-from repsim_jax.transferability import job as transfer_job
+from repsim_jax.jobs import transferability as transfer_job
 
 TRUTH_COLUMNS = ("source", "target", "metric", "value")
 RUN_COLUMNS = ("source", "target", "run", "best_step", "val_loss", "metric", "value")

@@ -42,6 +42,8 @@ def run(config, workdir: str) -> dict:
   with `config.baseline` (another run, e.g. full fine-tuning) the relative sharpness change."""
   import json
   from repsim_jax import checkpoint, config_lib, data, metrics as metrics_lib, parallel, sharpness
+  if not config.run:
+    raise ValueError("config.run: name the run directory to analyse (configs/analyze.py:run=DIR)")
   sharpness.check_config(config.sharpness, "config.sharpness")
   run_cfg = load_run_config(config.run)
   with run_cfg.unlocked():
