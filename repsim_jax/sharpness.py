@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from jax.flatten_util import ravel_pytree
 
 PyTree = Any
@@ -54,28 +55,6 @@ MEASURES = ("sam", "asam", "average", "hessian_eig", "hessian_trace")
 _HIGHEST = jax.lax.Precision.HIGHEST  # no TF32 / bf16 passes on GPU for the Krylov algebra.
 
 
-def _tree_vdot(a: PyTree, b: PyTree) -> jax.Array:
-  # Elementwise product + sum rather than a dot: exact float32 arithmetic on every backend.
-  leaves = jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda x, y: jnp.sum(x * y), a, b))
-  return functools.reduce(jnp.add, leaves)
-
-
-def _tree_norm(a: PyTree) -> jax.Array:
-  return jnp.sqrt(_tree_vdot(a, a))
-
-
-def _tree_scale(a: PyTree, s) -> PyTree:
-  return jax.tree_util.tree_map(lambda x: (x * s).astype(x.dtype), a)
-
-
-def _tree_add(a: PyTree, b: PyTree) -> PyTree:
-  return jax.tree_util.tree_map(jnp.add, a, b)
-
-
-def _tree_mul(a: PyTree, b: PyTree) -> PyTree:
-  return jax.tree_util.tree_map(jnp.multiply, a, b)
-
-
 def _safe_inv(x: jax.Array) -> jax.Array:
   # 1/x, but 0 where x == 0: a zero gradient gives a zero perturbation instead of NaNs.
   return jnp.where(x > 0, 1.0 / jnp.where(x > 0, x, 1.0), 0.0)
@@ -83,8 +62,8 @@ def _safe_inv(x: jax.Array) -> jax.Array:
 
 def _project_ball(delta: PyTree, rho) -> PyTree:
   """Euclidean projection of `delta` onto the global-l2 ball of radius `rho`."""
-  norm = _tree_norm(delta)
-  return _tree_scale(delta, jnp.minimum(1.0, rho * _safe_inv(norm)))
+  norm = optax.tree.norm(delta)
+  return optax.tree.scale(jnp.minimum(1.0, rho * _safe_inv(norm)), delta)
 
 
 def _random_like(rng: jax.Array, tree: PyTree, sampler) -> PyTree:
@@ -133,26 +112,26 @@ def _sam_sharpness_single(loss_fn: LossFn, params: PyTree, batch: PyTree, rho, s
   # ∇_δ L = T ⊙ g, and one normalised step from δ = 0 gives ε = ρ T² g / ‖T g‖ (the ASAM formula).
   if adaptive:
     scale = jax.tree_util.tree_map(lambda w: jnp.abs(w) + eta, params)
-    to_eps = lambda d: _tree_mul(scale, d)
+    to_eps = lambda d: optax.tree.mul(scale, d)
   else:
     scale = None
     to_eps = lambda d: d
   alpha = rho if step_size is None else step_size
 
   def ascent_step(delta, grads):
-    direction = _tree_mul(scale, grads) if adaptive else grads
-    direction = _tree_scale(direction, _safe_inv(_tree_norm(direction)))
-    return _project_ball(_tree_add(delta, _tree_scale(direction, alpha)), rho)
+    direction = optax.tree.mul(scale, grads) if adaptive else grads
+    direction = optax.tree.scale(_safe_inv(optax.tree.norm(direction)), direction)
+    return _project_ball(optax.tree.add(delta, optax.tree.scale(alpha, direction)), rho)
 
   loss0, grads0 = jax.value_and_grad(loss_fn)(params, batch)
   delta = ascent_step(jax.tree_util.tree_map(jnp.zeros_like, params), grads0)
 
   def body(_, delta):
-    grads = jax.grad(loss_fn)(_tree_add(params, to_eps(delta)), batch)
+    grads = jax.grad(loss_fn)(optax.tree.add(params, to_eps(delta)), batch)
     return ascent_step(delta, grads)
 
   delta = jax.lax.fori_loop(0, steps - 1, body, delta)
-  return loss_fn(_tree_add(params, to_eps(delta)), batch) - loss0
+  return loss_fn(optax.tree.add(params, to_eps(delta)), batch) - loss0
 
 
 def sam_sharpness(loss_fn: LossFn, params: PyTree, batch: PyTree, *, rho=0.05, steps: int = 1,
@@ -242,9 +221,9 @@ def average_sharpness(loss_fn: LossFn, params: PyTree, batch: PyTree, rng: jax.A
   def perturbed(key):
     noise = _random_like(key, params, lambda k, s, d: sigma * jax.random.normal(k, s, d))
     if not antithetic:
-      return loss_fn(_tree_add(params, noise), batch)
-    return 0.5 * (loss_fn(_tree_add(params, noise), batch)
-                  + loss_fn(_tree_add(params, _tree_scale(noise, -1.0)), batch))
+      return loss_fn(optax.tree.add(params, noise), batch)
+    return 0.5 * (loss_fn(optax.tree.add(params, noise), batch)
+                  + loss_fn(optax.tree.add(params, optax.tree.scale(-1.0, noise)), batch))
 
   num_draws = num_samples // 2 if antithetic else num_samples
   losses = _map(perturbed, jax.random.split(rng, num_draws), chunk_size)
@@ -263,15 +242,15 @@ def hessian_vector_product(loss_fn: LossFn, params: PyTree, batch: PyTree, v: Py
 
 def _power_iteration(hvp: Callable[[PyTree], PyTree], params: PyTree, rng, num_iters: int):
   v = _random_like(rng, params, jax.random.normal)
-  v = _tree_scale(v, _safe_inv(_tree_norm(v)))
+  v = optax.tree.scale(_safe_inv(optax.tree.norm(v)), v)
 
   def body(_, carry):
     v, _ = carry
     hv = hvp(v)
-    eig = _tree_vdot(v, hv)  # Rayleigh quotient of the current unit vector v.
-    return _tree_scale(hv, _safe_inv(_tree_norm(hv))), (v, eig)
+    eig = optax.tree.vdot(v, hv)  # Rayleigh quotient of the current unit vector v.
+    return optax.tree.scale(_safe_inv(optax.tree.norm(hv)), hv), (v, eig)
 
-  init = (v, (v, jnp.zeros_like(_tree_vdot(v, v))))
+  init = (v, (v, jnp.zeros_like(optax.tree.vdot(v, v))))
   _, (vec, eig) = jax.lax.fori_loop(0, num_iters, body, init)
   return eig, vec
 
@@ -364,7 +343,7 @@ def _hutchinson(hvp, params, rng, num_samples, chunk_size):
 
   def quad_form(key):
     z = _random_like(key, params, jax.random.rademacher)
-    return _tree_vdot(z, hvp(z))
+    return optax.tree.vdot(z, hvp(z))
 
   return jnp.mean(_map(quad_form, jax.random.split(rng, num_samples), chunk_size))
 

@@ -28,27 +28,6 @@ class LinearProbe(Method):
     return False
 
 
-def delayed(tx: optax.GradientTransformation, start: int) -> optax.GradientTransformation:
-  """`tx` that gives zero updates and keeps its state untouched for the first `start` steps."""
-
-  def init_fn(params):
-    return (jnp.zeros((), jnp.int32), tx.init(params))
-
-  def update_fn(updates, state, params=None):
-    count, inner = state
-
-    def run(_):
-      return tx.update(updates, inner, params)
-
-    def wait(_):
-      return jax.tree.map(jnp.zeros_like, updates), inner
-
-    new_updates, new_inner = jax.lax.cond(count >= start, run, wait, None)
-    return new_updates, (count + 1, new_inner)
-
-  return optax.GradientTransformation(init_fn, update_fn)
-
-
 class LPFT(Method):
   """LP-FT (Kumar et al. 2022): linear probing for `lp_steps`, then full fine-tuning.
 
@@ -63,8 +42,9 @@ class LPFT(Method):
     labels = lambda tree: jax.tree_util.tree_map_with_path(  # noqa: E731
         lambda p, _: "backbone" if rx.search(optimizers.path_str(p)) else "head", tree)
     return optax.multi_transform({"head": make_tx(),
-                                  "backbone": delayed(make_tx(offset=self.cfg.lp_steps),
-                                                      self.cfg.lp_steps)}, labels)
+                                  "backbone": optax.conditionally_mask(
+                                      make_tx(offset=self.cfg.lp_steps),
+                                      lambda count: count >= self.cfg.lp_steps)}, labels)
 
   def bn_train(self, step):
     return step >= self.cfg.lp_steps

@@ -20,16 +20,8 @@ SCHEDULES = ("constant", "cosine")
 
 
 def path_str(path) -> str:
-  """'/'-joined names of a `jax.tree_util` key path."""
-  parts = []
-  for k in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-    else:
-      parts.append(str(k))
-  return "/".join(parts)
+  """'model/head/kernel': the '/'-joined names of a `jax.tree_util` key path."""
+  return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 def tree_paths(tree):

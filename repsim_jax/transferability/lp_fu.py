@@ -192,10 +192,6 @@ def _subtree(tree: Any, path: Sequence[str], arg: str) -> Any:
   return node
 
 
-def _tree_norm(tree) -> jax.Array:
-  return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree_util.tree_leaves(tree)))
-
-
 def fu_score(apply_fn: Callable, params, images, labels, *, early_layer, first_layer,
              margin: float = 0.05, batch_size: int = 64, seed: int = 0,
              embedding_key: str = "pre_logits") -> float:
@@ -232,8 +228,8 @@ def fu_score(apply_fn: Callable, params, images, labels, *, early_layer, first_l
   @jax.jit
   def norms(p, x, y):
     g = jax.grad(loss_fn)(p, x, y)
-    return (_tree_norm(_subtree(g, early_path, "early_layer")),
-            _tree_norm(_subtree(g, first_path, "first_layer")))
+    return (optax.tree.norm(_subtree(g, early_path, "early_layer")),
+            optax.tree.norm(_subtree(g, first_path, "first_layer")))
 
   order = np.random.default_rng(seed).permutation(lab.shape[0])
   early, first = [], []

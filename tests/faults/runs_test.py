@@ -163,7 +163,7 @@ def pretrained(tmp_path_factory):
 
 
 # RepSim's Q with Stiefel Adam (moments and count in the optimiser state) and LP-FT killed after
-# its probe-to-full switch at step 6 (the delayed optimiser's counter) resume to the same weights.
+# its probe-to-full switch at step 6 (the masked backbone optimiser's counter) resume to the same weights.
 @pytest.mark.parametrize("method,keys", [
     ("repsim", {"method.q_optimizer": "adam", "method.lam": 3.0}),
     ("lp_ft", {"method.lp_steps": 6})])
