@@ -20,7 +20,7 @@ import sys
 import numpy as np
 import pandas as pd
 
-from repsim_jax import config_lib, host
+from repsim_jax import config_lib, host, io
 from repsim_jax.jobs import default as default_run
 
 
@@ -69,9 +69,9 @@ def headline(df: pd.DataFrame) -> pd.DataFrame:
 
 def write_outputs(df: pd.DataFrame, workdir: str) -> None:
   os.makedirs(workdir, exist_ok=True)
-  config_lib.atomic_write_text(os.path.join(workdir, "results.csv"), df.to_csv(index=False))
+  io.write_text(os.path.join(workdir, "results.csv"), df.to_csv(index=False))
   summary = df.groupby("method", sort=False).agg(["mean", "std"]).drop(columns="seed")
-  config_lib.atomic_write_text(os.path.join(workdir, "summary.csv"), summary.to_csv())
+  io.write_text(os.path.join(workdir, "summary.csv"), summary.to_csv())
   head = headline(df)
   plot_cka(df, os.path.join(workdir, "cka_by_layer.png"))
   layers = [c[4:] for c in df.columns if c.startswith("cka_")]
@@ -89,7 +89,7 @@ def write_outputs(df: pd.DataFrame, workdir: str) -> None:
   for m, r in mean.iterrows():
     lines.append(f"| {m} | " + " | ".join(f"{r['cka_' + l]:.3f}" for l in layers) + " |")
   lines += ["", "Per-run rows: `results.csv`; mean ± std: `summary.csv`; plot: `cka_by_layer.png`."]
-  config_lib.atomic_write_text(os.path.join(workdir, "report.md"), "\n".join(lines) + "\n")
+  io.write_text(os.path.join(workdir, "report.md"), "\n".join(lines) + "\n")
 
 
 def plot_cka(df: pd.DataFrame, path: str) -> None:
@@ -107,7 +107,7 @@ def plot_cka(df: pd.DataFrame, path: str) -> None:
   ax.set_ylim(0, 1.02)
   ax.legend(fontsize=8)
   fig.tight_layout()
-  config_lib.atomic_savefig(fig, path)
+  io.save_figure(fig, path)
   plt.close(fig)
 
 

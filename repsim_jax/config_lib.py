@@ -88,26 +88,10 @@ def check_non_negative(config: ml_collections.ConfigDict, *keys: str) -> None:
       raise ValueError(f"config.{key}={value!r}: expected 0 or a positive number")
 
 
-def atomic_write_text(path: str, text: str) -> None:
-  """Writes then renames, so a reader never sees half a file and a crash never corrupts one."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp.{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
-def atomic_savefig(fig, path: str, dpi: int = 110) -> None:
-  """Saves a matplotlib figure via a temporary file and a rename (format from the suffix)."""
-  root, ext = os.path.splitext(path)
-  tmp = f"{root}.tmp.{os.getpid()}{ext}"
-  fig.savefig(tmp, dpi=dpi)
-  os.replace(tmp, path)
-
-
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Writes the resolved config (what actually ran) as JSON to `workdir/config.json`."""
-  atomic_write_text(os.path.join(workdir, "config.json"),
+  from repsim_jax import io  # pylint: disable=g-import-not-at-top
+  io.write_text(os.path.join(workdir, "config.json"),
                     json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str) + "\n")
 
 

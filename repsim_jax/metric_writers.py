@@ -10,7 +10,7 @@ import time
 
 import jax
 
-from repsim_jax.config_lib import atomic_write_text
+from repsim_jax.io import write_text
 
 
 class MetricWriter:
@@ -32,7 +32,7 @@ class MetricWriter:
       os.makedirs(workdir, exist_ok=True)
       if os.path.exists(self.path):
         kept = read_metrics(workdir)[:keep_rows]
-        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
       if tensorboard:
         from tensorboardX import SummaryWriter  # TensorBoard files without TensorFlow.
         self._tb = SummaryWriter(os.path.join(workdir, "tb"), purge_step=resume_step + 1)

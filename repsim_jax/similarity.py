@@ -27,12 +27,13 @@ from __future__ import annotations
 import collections
 import functools
 import os
-import tempfile
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from repsim_jax import io
 
 __all__ = [
     "linear_cka",
@@ -733,23 +734,6 @@ def cross_layer_similarity(reps_a: Mapping[str, Any], reps_b: Mapping[str, Any],
 # --------------------------------------------------------------------------- tables and plots
 
 
-def _atomic_write(path, write: Callable[[str], None]):
-  """Writes via a temporary file in the same directory, then os.replace (atomic on POSIX)."""
-  path = os.fspath(path)
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  suffix = os.path.splitext(path)[1]
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=suffix)
-  os.close(fd)
-  try:
-    write(tmp)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
 def similarity_table(values, path=None):
   """Tabulates similarity results as a pandas DataFrame and optionally writes a CSV.
 
@@ -790,7 +774,7 @@ def similarity_table(values, path=None):
         "similarity_table: values must be a dict or a (names_a, names_b, matrix) tuple, got"
         f" {type(values).__name__}")
   if path is not None:
-    _atomic_write(path, lambda tmp: df.to_csv(tmp))
+    io.atomic_write(path, lambda tmp: df.to_csv(tmp))
   return df
 
 
@@ -822,5 +806,5 @@ def plot_heatmap(matrix, names_a: Sequence[str], names_b: Sequence[str], path, t
     ax.set_title(title)
   fig.colorbar(im, ax=ax, label=label)
   fig.tight_layout()
-  _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120))
+  io.save_figure(fig, path, dpi=120)
   return os.fspath(path)

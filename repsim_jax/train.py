@@ -25,7 +25,7 @@ import optax
 
 from repsim_jax import checkpoint as ckpt_lib, evaluation
 from repsim_jax import config_lib, data, metric_writers, models, parallel
-from repsim_jax import host, runs, sharpness, similarity
+from repsim_jax import host, io, runs, sharpness, similarity
 from repsim_jax import methods as methods_lib
 from repsim_jax.optim import optimizers
 
@@ -416,7 +416,7 @@ class _Run:
                "train_seconds": elapsed(), "skipped_steps": int(host_state.skipped_steps),
                "final": final, "best_val": _best_by_val(self.history), "similarity": sim}
     if jax.process_index() == 0:
-      config_lib.atomic_write_text(os.path.join(self.workdir, "results.json"),
+      io.write_text(os.path.join(self.workdir, "results.json"),
                                    json.dumps(results, indent=2, default=float) + "\n")
     return Outcome(results, host_state)
 

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from repsim_jax import config_lib
+from repsim_jax import config_lib, io
 
 
 def test_parse_arg_types_and_unknown_key():
@@ -25,8 +25,8 @@ def test_check_choice_names_the_key():
 
 def test_atomic_write_leaves_no_temp(tmp_path):
   p = tmp_path / "r.json"
-  config_lib.atomic_write_text(str(p), "{}")
-  config_lib.atomic_write_text(str(p), json.dumps({"a": 1}))
+  io.write_text(str(p), "{}")
+  io.write_text(str(p), json.dumps({"a": 1}))
   assert json.loads(p.read_text()) == {"a": 1}
   assert [f.name for f in tmp_path.iterdir()] == ["r.json"]
 

@@ -23,10 +23,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 
 import numpy as np
 
+from repsim_jax import io
 from repsim_jax.data.core import ArraySource, DatasetInfo, task_for
 from repsim_jax.data.medmnist import NpzSpec, load_npz
 
@@ -311,19 +311,7 @@ def write_synthetic_npz(path: str, *, kind: str, num_classes: int, train_size: i
     images, labels = make_split(kind, n, num_classes=num_classes, size=size, difficulty=difficulty,
                                 imbalance=imbalance, seed=seed, stream=stream)
     arrays[f"{split}_images"], arrays[f"{split}_labels"] = images, labels
-  path = os.fspath(path)
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  # Write beside the target then rename: readers never see a partial file.
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=directory)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez_compressed(f, **arrays)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  io.save_npz(path, compressed=True, **arrays)
   return path
 
 

@@ -6,10 +6,9 @@ from __future__ import annotations
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from repsim_jax import evaluation, similarity
+from repsim_jax import evaluation, io, similarity
 
 
 # ---------------------------------------------------------------------------------------------
@@ -41,7 +40,7 @@ def run(config, workdir: str) -> dict:
   started from) with every measure, the cross-layer CKA matrix, task metrics and sharpness;
   with `config.baseline` (another run, e.g. full fine-tuning) the relative sharpness change."""
   import json
-  from repsim_jax import checkpoint, config_lib, data, metrics as metrics_lib, parallel, sharpness
+  from repsim_jax import checkpoint, data, metrics as metrics_lib, parallel, sharpness
   if not config.run:
     raise ValueError("config.run: name the run directory to analyse (configs/analyze.py:run=DIR)")
   sharpness.check_config(config.sharpness, "config.sharpness")
@@ -108,9 +107,9 @@ def run(config, workdir: str) -> dict:
     similarity.plot_heatmap(matrix, names_a, names_b,
                             os.path.join(workdir, "cross_layer_linear_cka.png"),
                             title="linear CKA: fine-tuned (rows) vs reference (columns)")
-    config_lib.atomic_write_text(os.path.join(workdir, "report.json"),
+    io.write_text(os.path.join(workdir, "report.json"),
                                  json.dumps(report, indent=2, default=float) + "\n")
-    config_lib.atomic_write_text(os.path.join(workdir, "report.md"), markdown_report(report))
+    io.write_text(os.path.join(workdir, "report.md"), markdown_report(report))
     print(markdown_report(report), flush=True)
   return report
 

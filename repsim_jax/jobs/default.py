@@ -14,7 +14,7 @@ import os
 
 import jax
 
-from repsim_jax import config_lib, runs, train
+from repsim_jax import io, runs, train
 
 REPORT_KEYS = ("accuracy", "balanced_accuracy", "auc", "f1")
 
@@ -47,7 +47,7 @@ def run(config, workdir: str) -> dict:
                    "extra": {f"cka_{layer}": v for layer, v in cka.items()}}
     summary = {"pretrain_val": pretrain["final"].get("val", {}), "methods": rows}
     if jax.process_index() == 0:
-      config_lib.atomic_write_text(os.path.join(workdir, "results.json"),
+      io.write_text(os.path.join(workdir, "results.json"),
                                    json.dumps(summary, indent=2) + "\n")
       plot(rows, os.path.join(workdir, "results.png"))
       print(table(rows), flush=True)
@@ -87,5 +87,5 @@ def plot(rows: dict, path: str) -> None:
   ax.set_title("synthetic target, test split: metrics and linear CKA to the pretrained model")
   ax.legend(fontsize=8)
   fig.tight_layout()
-  config_lib.atomic_savefig(fig, path)
+  io.save_figure(fig, path)
   plt.close(fig)

@@ -26,6 +26,7 @@ import re
 import jax
 import ml_collections
 
+from repsim_jax import io
 from repsim_jax.jobs import transferability as transfer_job
 
 TRUTH_COLUMNS = ("source", "target", "metric", "value")
@@ -138,8 +139,7 @@ def validate(config) -> None:
 
 def _write_csv(path: str, rows: list[dict], columns) -> None:
   import pandas as pd  # pylint: disable=g-import-not-at-top
-  from repsim_jax import config_lib  # pylint: disable=g-import-not-at-top
-  config_lib.atomic_write_text(path, pd.DataFrame(rows, columns=list(columns)).to_csv(index=False))
+  io.write_text(path, pd.DataFrame(rows, columns=list(columns)).to_csv(index=False))
 
 
 def run(config, workdir: str) -> dict:

@@ -162,11 +162,8 @@ def cache_path(workdir: str, source: str, target: str) -> str:
 
 def save_cache(path: str, arrays: dict, meta: dict) -> None:
   """np.savez to a temporary file, then rename: a reader never sees a partial cache."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp.{os.getpid()}"
-  with open(tmp, "wb") as f:
-    np.savez(f, meta=np.asarray(json.dumps(meta, sort_keys=True)), **arrays)
-  os.replace(tmp, path)
+  from repsim_jax.io import save_npz  # pylint: disable=g-import-not-at-top
+  save_npz(path, meta=np.asarray(json.dumps(meta, sort_keys=True)), **arrays)
 
 
 def load_cache(path: str) -> tuple[dict, dict]:
@@ -331,14 +328,14 @@ def merge_scores(path: str, rows: list[dict], drop_pair: tuple[str, str] | None 
   """Adds `rows` to the CSV at `path`, replacing rows of the same (source, target, score);
   `drop_pair=(source, target)` first removes every row of that pair (its features changed)."""
   import pandas as pd  # pylint: disable=g-import-not-at-top
-  from repsim_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from repsim_jax.io import write_text  # pylint: disable=g-import-not-at-top
   df = read_scores(path)
   if drop_pair is not None:
     df = df[~((df["source"] == drop_pair[0]) & (df["target"] == drop_pair[1]))]
   new = pd.DataFrame(rows, columns=list(CSV_COLUMNS))
   both = pd.concat([df, new], ignore_index=True) if len(df) else new
   both = both.drop_duplicates(["source", "target", "score"], keep="last")
-  config_lib.atomic_write_text(path, both.to_csv(index=False))
+  write_text(path, both.to_csv(index=False))
 
 
 def format_table(df, target: str) -> str:

@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 import pandas as pd
 import scipy.stats
+
+from repsim_jax import io
 
 __all__ = [
     "read_reference_table", "read_scores_csv", "read_truth_csv", "lp_fu_combine",
@@ -200,32 +200,6 @@ def friedman_nemenyi(tau_by_score: pd.DataFrame, alpha: float = 0.05) -> dict:
 
 # ----------------------------------------------------------------------------- plots
 
-def _atomic_savefig(fig, path) -> None:
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-  os.close(fd)
-  try:
-    fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", bbox_inches="tight")
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-
-
-def _atomic_write_text(path, text: str) -> None:
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "w") as fh:
-      fh.write(text)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-
-
 def _pyplot():
   import matplotlib
   matplotlib.use("Agg")
@@ -247,7 +221,7 @@ def plot_tau(tau: pd.DataFrame, path) -> None:
   ax.set_xticks(x, [str(t) for t in targets], rotation=45, ha="right")
   ax.set_ylabel("weighted Kendall τ")
   ax.legend(fontsize="small", ncol=2)
-  _atomic_savefig(fig, path)
+  io.save_figure(fig, path)
   plt.close(fig)
 
 
@@ -279,7 +253,7 @@ def plot_critical_difference(ranks: Mapping[str, float], cd: float, path) -> Non
   ax.hlines(0.85, 1, 1 + cd, color="k", lw=1.5)
   ax.text(1 + cd / 2, 0.9, f"CD = {cd:.2f}", ha="center", fontsize=8)
   ax.axis("off")
-  _atomic_savefig(fig, path)
+  io.save_figure(fig, path)
   plt.close(fig)
 
 
@@ -301,7 +275,7 @@ def rank_scores(scores_csv, truth_csv, out_dir, *, metric: str | None = None, ex
   tau = tau_by_score(scores, truth, exclude_self)
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
-  _atomic_write_text(out / "tau_table.csv", tau.to_csv())
+  io.write_text(out / "tau_table.csv", tau.to_csv())
   summary = {
       "mean_tau": {str(c): (float(np.nanmean(tau[c])) if tau[c].notna().any() else None) for c in tau.columns},
       "exclude_self": exclude_self,
@@ -312,5 +286,5 @@ def rank_scores(scores_csv, truth_csv, out_dir, *, metric: str | None = None, ex
     fn = friedman_nemenyi(tau, alpha)
     summary["friedman_nemenyi"] = fn
     plot_critical_difference(fn["mean_ranks"], fn["critical_difference"], out / "critical_difference.png")
-  _atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
+  io.write_text(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
   return summary
