@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from repsim_jax import metrics as metrics_lib, parallel, similarity
+from repsim_jax import metrics as metrics_lib, parallel, progress, similarity
 
 
 def per_example_loss(logits, labels, task: str):
@@ -55,13 +55,17 @@ def make_step(model, layers: Sequence[str] | None = (), pool: str = "mean"):
   return step
 
 
-def run(dp, step_fn, variables, batches, *, max_examples: int = 0, max_batches: int = 0) -> dict:
+def run(dp, step_fn, variables, batches, *, max_examples: int = 0, max_batches: int = 0,
+        desc: str = "eval") -> dict:
   """{output: (N, ...) host array, "label": (N, ...)} of a compiled `make_step` over `batches`
   (an eval iterator with "mask"), `variables` already placed by `dp`. Every process gets the
   whole split."""
   rng = dp.put_replicated(np.zeros((), np.int32))
   chunks, labels, total = [], [], 0
-  for i, batch in enumerate(batches):
+  total = len(batches) if hasattr(batches, "__len__") else None
+  if max_batches:
+    total = min(total or max_batches, max_batches)
+  for i, batch in enumerate(progress.track(batches, total, desc)):
     if max_batches and i >= max_batches:
       break
     _, out = step_fn(variables, dp.put_batch({"image": batch["image"]}), rng)
@@ -91,15 +95,18 @@ def task_metrics(logits, labels, task: str) -> dict:
   return out
 
 
-def evaluate(dp, step_fn, variables, batches, task: str, max_batches: int = 0) -> dict:
+def evaluate(dp, step_fn, variables, batches, task: str, max_batches: int = 0,
+             desc: str = "eval") -> dict:
   """Task metrics of placed `variables` on `batches` (`step_fn` from `make_step(model)`)."""
-  out = run(dp, step_fn, variables, batches, max_batches=max_batches)
+  out = run(dp, step_fn, variables, batches, max_batches=max_batches, desc=desc)
   return task_metrics(out["logits"], out["label"], task)
 
 
-def extract_features(dp, step_fn, variables, batches, max_examples: int = 0) -> dict:
+def extract_features(dp, step_fn, variables, batches, max_examples: int = 0,
+                     desc: str = "features") -> dict:
   """`run` for host `variables` (placed here), e.g. a checkpoint or pretrained weights."""
-  return run(dp, step_fn, dp.put_replicated(variables), batches, max_examples=max_examples)
+  return run(dp, step_fn, dp.put_replicated(variables), batches, max_examples=max_examples,
+             desc=desc)
 
 
 def compare(feats_a: dict, feats_b: dict, measures=("linear_cka",), layers=None) -> dict:

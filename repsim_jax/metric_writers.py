@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
-import time
 
 import jax
 
@@ -70,38 +68,3 @@ def read_metrics(workdir: str) -> list[dict]:
     return []
   with open(path) as f:
     return [json.loads(line) for line in f if line.strip()]
-
-
-class Progress:
-  """`step 120/1000 | loss 0.412 | 850 img/s | ETA 1m03s` on stderr, from process 0."""
-
-  def __init__(self, total_steps: int, batch_size: int, first_step: int = 0, name: str = ""):
-    self.total, self.batch, self.name = total_steps, batch_size, name
-    self._t0, self._s0 = time.perf_counter(), first_step
-
-  def reset_clock(self, step: int) -> None:
-    """Restart the rate measurement (e.g. after the first step, which includes compilation)."""
-    self._t0, self._s0 = time.perf_counter(), step
-
-  def line(self, step: int, metrics: dict) -> str:
-    dt = time.perf_counter() - self._t0
-    steps = max(step - self._s0, 0)
-    rate = steps * self.batch / dt if dt > 0 and steps else float("nan")
-    eta = (self.total - step) * dt / steps if steps else float("nan")
-    parts = [f"{self.name}step {step}/{self.total}"]
-    parts += [f"{k} {float(v):.4g}" for k, v in metrics.items()]
-    parts.append(f"{rate:.0f} img/s" if math.isfinite(rate) else "-- img/s")
-    parts.append(f"ETA {_fmt(eta)}")
-    return " | ".join(parts)
-
-  def print(self, step: int, metrics: dict) -> None:
-    if jax.process_index() == 0:
-      print(self.line(step, metrics), file=sys.stderr, flush=True)
-
-
-def _fmt(seconds: float) -> str:
-  if not math.isfinite(seconds):
-    return "--"
-  m, s = divmod(int(seconds), 60)
-  h, m = divmod(m, 60)
-  return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"

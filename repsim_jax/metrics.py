@@ -2,6 +2,12 @@
 
 Evaluation gathers logits for a whole split (a few thousand rows for medical sets), so exact
 NumPy metrics are cheaper and clearer than streaming approximations on device.
+
+Why not scikit-learn: the fixed stack has no sklearn (it would be a ~40 MB dependency for two
+functions), and the AUC here must be MedMNIST's own: its evaluator averages one-vs-rest AUCs over
+classes for multi-class and ordinal tasks and over labels for multi-label ones, with ties ranked
+as averages (the Mann-Whitney U statistic), which is what `binary_auc` and `classification_metrics`
+compute; tests compare them with closed forms.
 """
 
 from __future__ import annotations

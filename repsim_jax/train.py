@@ -25,7 +25,7 @@ import optax
 
 from repsim_jax import checkpoint as ckpt_lib, evaluation
 from repsim_jax import config_lib, data, metric_writers, models, parallel
-from repsim_jax import host, io, runs, sharpness, similarity
+from repsim_jax import host, io, progress as progress_lib, runs, sharpness, similarity
 from repsim_jax import methods as methods_lib
 from repsim_jax.optim import optimizers
 
@@ -344,7 +344,7 @@ class _Run:
     p_eval = dp.compile(evaluation.make_step(self.model), donate_state=False, sharded_out=True)
     state = dp.put_replicated(self.state)
     rng_dev = dp.put_replicated(np.asarray(self.step_rng))
-    progress = metric_writers.Progress(num_steps, cfg.train.batch_size, start,
+    progress = progress_lib.Training(num_steps, cfg.train.batch_size, start,
                                        name=cfg.get("name", "") and f"[{cfg.name}] ")
     probe = None
     if cfg.analysis.sharpness_every:
@@ -365,7 +365,8 @@ class _Run:
       row = {}
       variables = {"params": state.params["model"], "batch_stats": state.batch_stats}
       for split in cfg.train.eval_splits:
-        m = evaluation.evaluate(dp, p_eval, variables, self.eval_iter_fn(split), info.task)
+        m = evaluation.evaluate(dp, p_eval, variables, self.eval_iter_fn(split), info.task,
+                                desc=f"{progress.name}eval {split}")
         writer.write(step, split, m)
         row[split] = m
       self.history.append({"step": step, **row})

@@ -259,6 +259,10 @@ class StepIterator(grain.DatasetIterator):
     self._step += 1
     return batch
 
+  def __len__(self) -> int:
+    """Batches left (eval iterators are finite; a train iterator's is effectively endless)."""
+    return self._num_steps - self._step
+
   def get_state(self) -> dict[str, Any]:
     return {"step": int(self._step)}
 

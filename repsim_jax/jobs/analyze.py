@@ -68,10 +68,11 @@ def run(config, workdir: str) -> dict:
   step_t = evaluation.make_step(model_t, layers=None)
   feats_t = evaluation.extract_features(
       dp, dp.compile(step_t, donate_state=False, sharded_out=True), tuned,
-      eval_iter_fn(config.split), config.max_examples)
+      eval_iter_fn(config.split), config.max_examples, desc="[analyze] features of the run")
   feats_r = evaluation.extract_features(
       dp, dp.compile(evaluation.make_step(model_r, layers=None), donate_state=False,
-                     sharded_out=True), reference, eval_iter_fn(config.split), config.max_examples)
+                     sharded_out=True), reference, eval_iter_fn(config.split), config.max_examples,
+      desc="[analyze] features of the reference")
   layers = step_t.layer_order
   measures = tuple(config.measures) or tuple(similarity.MEASURES)
   layerwise = evaluation.compare(feats_t, feats_r, measures, layers)

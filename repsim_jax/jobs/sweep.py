@@ -162,17 +162,19 @@ def run(config, workdir: str) -> dict:
   if main:
     config_lib.write_config(config, workdir)
   truth, run_rows = [], []
+  total, count = len(targets) * len(sources) * len(points), 0
   for target in targets:
     for source in sources:
       results = {}
       for suffix, overrides in points:
+        count += 1
         name = f"{source.name}__{target}__{suffix}"
         cfg = run_config(base, source, target, overrides)
         # Per run: the number of steps may depend on the grid point (e.g. the batch size).
         cfg.train.eval_every = _eval_every(cfg, s.num_evals)
         run_dir = runs.run_dir(os.path.join(workdir, "runs"), name, cfg)
         if runs.read_results(run_dir) is None:
-          print(f"[sweep] {name}: training ({cfg.model.name} from "
+          print(f"[sweep] run {count}/{total} {name}: training ({cfg.model.name} from "
                 f"{cfg.model.init or 'random init'}, eval every {cfg.train.eval_every})",
                 flush=True)
         res = train.train_and_evaluate(cfg, run_dir)  # reads a finished run back

@@ -239,7 +239,7 @@ def extract(config, source: Source, dp, train_split, info, fu: dict | None = Non
   step = dp.compile(evaluation.make_step(model, layers=["pre_logits"]),
                     donate_state=False, sharded_out=True)
   feats = evaluation.extract_features(dp, step, variables, _eval_iter(config, train_split, info),
-                                    config.max_examples)
+                                      config.max_examples, desc=f"[{source.name}] features")
   out = {"features": feats["pre_logits"].astype(np.float32), "label": feats["label"],
          "fu": np.asarray(np.nan, np.float64)}
   if head:
