@@ -43,5 +43,15 @@ def _module_run(name):
 
 # config.job -> the job. Each module here is one command; a new job is a module with
 # `run(config, workdir)` and an entry below.
+DESCRIPTIONS = {
+    "train": "pretrain or fine-tune one model (configs/pretrain.py, configs/finetune.py)",
+    "default": "the embedded end-to-end run: pretrain, fine-tune with each method, compare "
+               "(configs/default.py)",
+    "analyze": "similarity and sharpness report of a finished run (configs/analyze.py)",
+    "transferability": "every transferability score of many sources on a target "
+                       "(configs/transferability.py)",
+    "sweep": "ground-truth fine-tuning of every (source, target) pair, ranked against the scores "
+             "(configs/sweep.py)",
+}
 JOBS = {"train": _train, "default": _module_run("default"), "analyze": _module_run("analyze"),
         "transferability": _module_run("transferability"), "sweep": _module_run("sweep")}

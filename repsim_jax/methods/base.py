@@ -20,6 +20,7 @@ class Method:
   needs_reference = False
   reference_forward = False
   uses: tuple[str, ...] = ()  # the config.method keys it reads besides `name`
+  summary = "every parameter trains"  # one line for `python -m repsim_jax.catalog`
 
   def __init__(self, cfg=None):
     self.cfg = cfg

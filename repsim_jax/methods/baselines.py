@@ -20,6 +20,7 @@ class FullFineTuning(Method):
 class LinearProbe(Method):
   """Only the head learns; the backbone (weights and BatchNorm statistics) stays bit-identical."""
   name = "linear_probe"
+  summary = "only the head trains; backbone and BatchNorm statistics stay bit-identical"
 
   def optimizer(self, make_tx, params):
     return optimizers.freeze(make_tx(), params, BACKBONE)
@@ -35,6 +36,7 @@ class LPFT(Method):
   runs in eval mode; the backbone's schedule starts at `lp_steps`.
   """
   name = "lp_ft"
+  summary = "linear probe for lp_steps, then full fine-tuning"
   uses = ("lp_steps",)
 
   def optimizer(self, make_tx, params):
@@ -62,6 +64,7 @@ def _split(tree):
 class L2SP(Method):
   """½α‖w − w₀‖² on the backbone (w₀: pretrained) + ½β‖w‖² on the head (Li et al. 2018)."""
   name = "l2sp"
+  summary = "½α‖w − w₀‖² on the backbone + ½β‖w‖² on the head"
   needs_reference = True
   uses = ("alpha", "beta")
 
@@ -78,6 +81,7 @@ class DELTA(Method):
   feature maps (mean over examples and positions, summed over channels, unweighted channel
   attention) + ½β‖w‖² on the head."""
   name = "delta"
+  summary = "feature-map distance to the pretrained model on `layers` + ½β‖w_head‖²"
   needs_reference = True
   reference_forward = True
   uses = (*LAMBDA, "layers", "layer_weights", "beta")
@@ -101,6 +105,7 @@ class BSS(Method):
   """Batch Spectral Shrinkage (Chen et al. 2019): η Σ_{i≤k} σ²_{-i}, the k smallest singular
   values of the (global) batch of `pre_logits` features."""
   name = "bss"
+  summary = "shrinks the bss_k smallest singular values of the batch features"
   uses = (*LAMBDA, "bss_k")
 
   def loss(self, params, reps, ref_reps, ref_variables, step):
@@ -120,6 +125,7 @@ class SAM(Method):
   own parameters, such as RepSim's Q, are not part of the network being flattened).
   """
   name = "sam"
+  summary = "sharpness-aware gradients (ascent step on the global batch; asam: adaptive)"
 
   def __init__(self, cfg):
     super().__init__(cfg)

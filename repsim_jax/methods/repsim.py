@@ -47,6 +47,7 @@ def _full_float32(fn):
 
 class RepSim(Method):
   name = "repsim"
+  summary = "‖F Q − P‖² to the pretrained features, modulo an orthogonal Q (q_mode)"
   needs_reference = True
 
   def __init__(self, cfg):

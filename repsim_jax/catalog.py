@@ -1,0 +1,83 @@
+"""What there is to choose from, on the command line.
+
+  python -m repsim_jax.catalog [models | datasets | methods | jobs | weights]   (all when omitted)
+
+Every list is read from the registry the config keys are checked against (`models.MODEL_NAMES`,
+the MedMNIST catalogue and synthetic kinds, `methods.METHODS`, `jobs.JOBS`), so it cannot drift
+from what a config accepts.
+"""
+
+from __future__ import annotations
+
+import sys
+
+WEIGHT_FORMATS = (
+    ("run directory", "a repsim_jax pretraining or fine-tuning run (its latest checkpoint)"),
+    (".safetensors / .pth", "torchvision ResNet state dicts (resnet18, resnet50) and timm ViT "
+                            "ones (vit_ti16, vit_s16, vit_b16); ImageNet weights from "
+                            "`python -m repsim_jax.models.export`"),
+    (".npz", "Google / big_vision ViT checkpoints (e.g. ViT-B_16.npz)"),
+)
+
+
+def models() -> list[tuple[str, str]]:
+  from repsim_jax import models as models_lib  # pylint: disable=g-import-not-at-top
+  out = []
+  for name in models_lib.MODEL_NAMES:
+    cls, defaults = models_lib._REGISTRY[name]  # pylint: disable=protected-access
+    out.append((name, f"{cls.__name__}({', '.join(f'{k}={v}' for k, v in defaults.items())})"))
+  return out
+
+
+def datasets() -> list[tuple[str, str]]:
+  from repsim_jax.data import medmnist, synthetic  # pylint: disable=g-import-not-at-top
+  out = [(f"medmnist: {name}", f"{task}, {classes} classes, {channels} channel"
+          + ("s" if channels > 1 else ""))
+         for name, (classes, task, channels) in sorted(medmnist.CATALOGUE.items())]
+  out += [(f"synthetic: {kind}", f"built in, up to {synthetic.max_classes(kind)} classes, "
+           f"{3 if kind != 'medical_gray' else 1} channel"
+           + ("s" if kind != "medical_gray" else ""))
+          for kind in synthetic.KINDS]
+  out += [("image_folder", "your images: a folder and a CSV of path,label[,split]"),
+          ("tfds", "any TensorFlow Datasets image classification set (config.data.name)")]
+  return out
+
+
+def methods() -> list[tuple[str, str]]:
+  from repsim_jax import config_lib, methods as methods_lib  # pylint: disable=g-import-not-at-top
+  out = []
+  for name in sorted(methods_lib.METHODS):
+    method = methods_lib.get_method(config_lib.method_config(name))
+    out.append((name, method.summary + (f"; keys: {', '.join(method.uses)}" if method.uses
+                                        else "")))
+  return out
+
+
+def jobs() -> list[tuple[str, str]]:
+  from repsim_jax import jobs as jobs_lib  # pylint: disable=g-import-not-at-top
+  return [(name, jobs_lib.DESCRIPTIONS[name]) for name in jobs_lib.JOBS]
+
+
+SECTIONS = {"models": models, "datasets": datasets, "methods": methods, "jobs": jobs,
+            "weights": lambda: list(WEIGHT_FORMATS)}
+
+
+def main(argv: list[str]) -> int:
+  wanted = argv[1:] or list(SECTIONS)
+  unknown = [w for w in wanted if w not in SECTIONS]
+  if unknown:
+    print(f"error: unknown section {unknown[0]!r}; expected some of {', '.join(SECTIONS)}",
+          file=sys.stderr)
+    return 2
+  for section in wanted:
+    rows = SECTIONS[section]()
+    print(f"{section}:")
+    width = max(len(name) for name, _ in rows)
+    for name, what in rows:
+      print(f"  {name.ljust(width)}  {what}")
+    print()
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv))
