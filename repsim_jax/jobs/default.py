@@ -47,8 +47,7 @@ def run(config, workdir: str) -> dict:
                    "extra": {f"cka_{layer}": v for layer, v in cka.items()}}
     summary = {"pretrain_val": pretrain["final"].get("val", {}), "methods": rows}
     if jax.process_index() == 0:
-      io.write_text(os.path.join(workdir, "results.json"),
-                                   json.dumps(summary, indent=2) + "\n")
+      io.write_text(os.path.join(workdir, "results.json"), json.dumps(summary, indent=2) + "\n")
       plot(rows, os.path.join(workdir, "results.png"))
       print(table(rows), flush=True)
       print(f"results: {workdir}/results.json, {workdir}/results.png", flush=True)
@@ -69,23 +68,26 @@ def table(rows: dict) -> str:
 
 
 def plot(rows: dict, path: str) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  import numpy as np
-  cols = [k for k in REPORT_KEYS if any(k in r["test"] for r in rows.values())]
-  extra = list(dict.fromkeys(k for r in rows.values() for k in r.get("extra", {})))
-  keys = cols + extra
-  fig, ax = plt.subplots(figsize=(1.6 * len(keys) + 2, 3.2))
-  width = 0.8 / max(len(rows), 1)
-  x = np.arange(len(keys))
-  for i, (name, r) in enumerate(rows.items()):
-    vals = [r["test"].get(k, r["extra"].get(k, np.nan)) for k in keys]
-    ax.bar(x + i * width, vals, width, label=name)
-  ax.set_xticks(x + width * (len(rows) - 1) / 2, keys, rotation=20)
-  ax.set_ylim(0, 1)
-  ax.set_title("synthetic target, test split: metrics and linear CKA to the pretrained model")
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  io.save_figure(fig, path)
-  plt.close(fig)
+  """Two panels: the test metrics of each method, and each layer's linear CKA to the pretrained
+  model (one run each, so no spread to show)."""
+  from repsim_jax import plots  # pylint: disable=g-import-not-at-top
+  metrics = [k for k in REPORT_KEYS if any(k in r["test"] for r in rows.values())]
+  layers = list(dict.fromkeys(k[len("cka_"):] for r in rows.values() for k in r.get("extra", {})))
+  if "layer4" in layers and all(r["extra"].get("cka_layer4") == r["extra"].get("cka_pre_logits")
+                                for r in rows.values()):
+    layers.remove("pre_logits")  # a ResNet's pre_logits is its mean-pooled layer4: same values
+  with plots.figure(ncols=2, width=4.6, height=3.4) as (fig, (left, right)):
+    plots.grouped_bars(left, metrics, {m: [r["test"].get(k, float("nan")) for k in metrics]
+                                       for m, r in rows.items()},
+                       ylabel="score on the test split", xlabel="metric", ylim=(0, 1.08))
+    left.set_title("target task (one run per method)")
+    if layers:
+      plots.grouped_bars(right, layers, {m: [r["extra"].get(f"cka_{k}", float("nan"))
+                                            for k in layers] for m, r in rows.items()},
+                         ylabel="linear CKA to the pretrained model", xlabel="layer",
+                         ylim=(0, 1.08))
+      right.set_title("how much of the pretrained representation is kept")
+    else:
+      right.set_axis_off()
+    plots.legend_above(fig, left)
+    plots.save(fig, path)
