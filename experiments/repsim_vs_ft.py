@@ -93,22 +93,26 @@ def write_outputs(df: pd.DataFrame, workdir: str) -> None:
 
 
 def plot_cka(df: pd.DataFrame, path: str) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  """Linear CKA to the pretrained model per layer, mean over seeds ± one standard deviation."""
+  from repsim_jax import plots
   layers = [c for c in df.columns if c.startswith("cka_")]
-  fig, ax = plt.subplots(figsize=(6, 3.4))
-  for m, g in df.groupby("method", sort=False):
-    mu, sd = g[layers].mean().values, g[layers].std().fillna(0).values
+  if "cka_layer4" in layers and "cka_pre_logits" in layers and np.allclose(
+      df["cka_layer4"], df["cka_pre_logits"]):
+    layers.remove("cka_pre_logits")  # a ResNet's pre_logits is its mean-pooled layer4
+  n = df.seed.nunique()
+  with plots.figure(width=5.6, height=3.6) as (fig, (ax,)):
     x = np.arange(len(layers))
-    ax.errorbar(x, mu, yerr=sd, marker="o", capsize=3, label=m)
-  ax.set_xticks(np.arange(len(layers)), [l[4:] for l in layers])
-  ax.set_ylabel("linear CKA to pretrained")
-  ax.set_ylim(0, 1.02)
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  io.save_figure(fig, path)
-  plt.close(fig)
+    for i, (m, g) in enumerate(df.groupby("method", sort=False)):
+      mu, sd = g[layers].mean().values, g[layers].std().fillna(0).values
+      ax.errorbar(x + (i - 0.5) * 0.06, mu, yerr=sd, marker="o", capsize=3, label=m,
+                  color=plots.PALETTE[i % len(plots.PALETTE)])
+    ax.set_xticks(x, [l[4:] for l in layers])
+    ax.set_xlabel("layer (shallow to deep)")
+    ax.set_ylabel("linear CKA to the pretrained model")
+    ax.set_ylim(0, 1.05)
+    ax.set_title(f"target test split; mean ± std over {n} seeds", fontsize=9)
+    plots.legend_above(fig, ax)
+    plots.save(fig, path)
 
 
 def main(argv=None):

@@ -779,7 +779,8 @@ def similarity_table(values, path=None):
 
 
 def plot_heatmap(matrix, names_a: Sequence[str], names_b: Sequence[str], path, title=None,
-                 vmin=0.0, vmax=1.0, cmap: str = "viridis", label: str = "similarity"):
+                 vmin=0.0, vmax=1.0, cmap: str = "viridis", label: str = "similarity",
+                 xlabel: str = "B layers", ylabel: str = "A layers"):
   """Saves a heatmap of matrix (len(names_a), len(names_b)); rows = A layers.
 
   Uses the Agg canvas directly (no pyplot state, safe in headless jobs/threads); the image
@@ -800,10 +801,17 @@ def plot_heatmap(matrix, names_a: Sequence[str], names_b: Sequence[str], path, t
   im = ax.imshow(matrix, vmin=vmin, vmax=vmax, cmap=cmap, origin="lower", aspect="auto")
   ax.set_xticks(range(nb), labels=list(names_b), rotation=90, fontsize=7)
   ax.set_yticks(range(na), labels=list(names_a), fontsize=7)
-  ax.set_xlabel("B layers")
-  ax.set_ylabel("A layers")
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  if na * nb <= 200:  # small enough to print every value in its cell
+    for i in range(na):
+      for j in range(nb):
+        v = matrix[i, j]
+        light = np.isfinite(v) and (v - vmin) / max(vmax - vmin, 1e-12) > 0.6
+        ax.text(j, i, f"{v:.2f}" if np.isfinite(v) else "", ha="center", va="center",
+                fontsize=6, color="black" if light else "white")
   if title:
-    ax.set_title(title)
+    ax.set_title(title, fontsize=9)
   fig.colorbar(im, ax=ax, label=label)
   fig.tight_layout()
   io.save_figure(fig, path, dpi=120)

@@ -107,7 +107,9 @@ def run(config, workdir: str) -> dict:
                                 os.path.join(workdir, "cross_layer_linear_cka.csv"))
     similarity.plot_heatmap(matrix, names_a, names_b,
                             os.path.join(workdir, "cross_layer_linear_cka.png"),
-                            title="linear CKA: fine-tuned (rows) vs reference (columns)")
+                            title="linear CKA between every pair of layers",
+                            label="linear CKA", xlabel="reference model: layer",
+                            ylabel="fine-tuned model: layer")
     io.write_text(os.path.join(workdir, "report.json"),
                                  json.dumps(report, indent=2, default=float) + "\n")
     io.write_text(os.path.join(workdir, "report.md"), markdown_report(report))

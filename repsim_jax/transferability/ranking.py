@@ -207,54 +207,76 @@ def _pyplot():
   return plt
 
 
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+
+
 def plot_tau(tau: pd.DataFrame, path) -> None:
-  """Grouped bars of τ_w per target (x) and score (colour), mean τ_w in the legend."""
-  plt = _pyplot()
-  targets, names = list(tau.index), list(tau.columns)
-  width = 0.8 / max(len(names), 1)
-  fig, ax = plt.subplots(figsize=(max(6.0, 0.7 * len(targets) * max(1, len(names)) ** 0.5), 4.0))
-  x = np.arange(len(targets))
-  for i, name in enumerate(names):
-    ax.bar(x + (i - (len(names) - 1) / 2) * width, tau[name].to_numpy(dtype=float), width,
-           label=f"{name} (mean {np.nanmean(tau[name].to_numpy(dtype=float)):.3f})")
-  ax.axhline(0.0, color="k", lw=0.5)
-  ax.set_xticks(x, [str(t) for t in targets], rotation=45, ha="right")
-  ax.set_ylabel("weighted Kendall τ")
-  ax.legend(fontsize="small", ncol=2)
-  io.save_figure(fig, path)
-  plt.close(fig)
+  """τ_w per target (rows) and score (a colour and marker each, so no two scores look alike
+  even past the palette's 8 colours), with each score's mean over targets in the legend."""
+  from repsim_jax import plots  # pylint: disable=g-import-not-at-top
+  targets, names = [str(t) for t in tau.index], list(tau.columns)
+  height = 1.6 + 0.32 * len(targets)
+  with plots.figure(width=6.4, height=height) as (fig, (ax,)):
+    y = np.arange(len(targets))[::-1]
+    offsets = np.linspace(-0.25, 0.25, len(names)) if len(names) > 1 else [0.0]
+    for i, name in enumerate(names):
+      vals = tau[name].to_numpy(dtype=float)
+      ax.scatter(vals, y + offsets[i], s=22, marker=_MARKERS[i % len(_MARKERS)],
+                 color=plots.PALETTE[i % len(plots.PALETTE)],
+                 label=f"{name} (mean {np.nanmean(vals):.3f})")
+    ax.axvline(0.0, color="k", lw=0.6)
+    ax.set_yticks(y, targets)
+    ax.set_xlim(-1.05, 1.05)
+    ax.grid(True, axis="x", alpha=0.3)
+    ax.set_xlabel("weighted Kendall τ of score vs. fine-tuned result (1 = same ranking)")
+    ax.set_ylabel("target")
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=3, bbox_to_anchor=(0.5, 1.0))
+    rows = -(-len(names) // 3)
+    fig.tight_layout(rect=(0, 0, 1, 1 - (0.12 + 0.2 * rows) / height))
+    plots.save(fig, path)
 
 
-def plot_critical_difference(ranks: Mapping[str, float], cd: float, path) -> None:
-  """Critical-difference diagram: mean ranks on an axis, scores whose ranks differ by <= CD joined."""
-  plt = _pyplot()
+def plot_critical_difference(ranks: Mapping[str, float], cd: float, path,
+                             num_targets: int | None = None, alpha: float = 0.05) -> None:
+  """Critical-difference diagram (Demšar 2006): mean ranks on an axis (1 = best), the better half
+  of the scores labelled on the left and the rest on the right, bars joining scores whose mean
+  ranks differ by at most the Nemenyi critical difference."""
+  from repsim_jax import plots  # pylint: disable=g-import-not-at-top
   items = sorted(ranks.items(), key=lambda kv: kv[1])
   k = len(items)
-  fig, ax = plt.subplots(figsize=(7.0, 1.0 + 0.3 * k))
-  ax.set_xlim(0.5, k + 0.5)
-  ax.set_ylim(-(k + 2) * 0.3, 1.0)
-  ax.hlines(0, 1, k, color="k")
-  for r in range(1, k + 1):
-    ax.vlines(r, 0, 0.1, color="k")
-    ax.text(r, 0.2, str(r), ha="center", fontsize=8)
-  for i, (name, r) in enumerate(items):
-    y = -(i + 1) * 0.3
-    ax.plot([r, r], [0, y], color="tab:blue", lw=0.8)
-    ax.text(r + 0.05, y, f"{name} ({r:.2f})", va="center", fontsize=8)
-  # Cliques: maximal runs of consecutive (by rank) scores spanning <= CD.
-  level = 0
-  for i in range(k):
-    j = i
-    while j + 1 < k and items[j + 1][1] - items[i][1] <= cd:
-      j += 1
-    if j > i and (i == 0 or items[j][1] - items[i - 1][1] > cd):
-      ax.hlines(0.55 + 0.08 * level, items[i][1], items[j][1], color="tab:red", lw=3)
-      level += 1
-  ax.hlines(0.85, 1, 1 + cd, color="k", lw=1.5)
-  ax.text(1 + cd / 2, 0.9, f"CD = {cd:.2f}", ha="center", fontsize=8)
-  ax.axis("off")
-  io.save_figure(fig, path)
-  plt.close(fig)
+  half = (k + 1) // 2
+  rows = max(half, k - half)
+  with plots.figure(width=7.0, height=1.5 + 0.28 * rows) as (fig, (ax,)):
+    ax.set_xlim(-0.8, k + 1.8)
+    ax.set_ylim(-(rows + 1) * 0.3, 1.1)
+    ax.hlines(0, 1, k, color="k")
+    for r in range(1, k + 1):
+      ax.vlines(r, 0, 0.08, color="k")
+      ax.text(r, 0.15, str(r), ha="center", fontsize=8)
+    for i, (name, r) in enumerate(items):
+      left = i < half
+      y = -((i if left else k - 1 - i) + 1) * 0.3
+      x_end = 0.9 if left else k + 0.1
+      ax.plot([r, r, x_end], [0, y, y], color="0.35", lw=0.8)
+      ax.text(x_end + (-0.05 if left else 0.05), y, f"{name} ({r:.2f})", va="center",
+              ha="right" if left else "left", fontsize=8)
+    level = 0  # cliques: maximal runs of consecutive scores spanning <= CD
+    for i in range(k):
+      j = i
+      while j + 1 < k and items[j + 1][1] - items[i][1] <= cd:
+        j += 1
+      if j > i and (i == 0 or items[j][1] - items[i - 1][1] > cd):
+        ax.hlines(-0.12 - 0.06 * level, items[i][1] - 0.03, items[j][1] + 0.03,
+                  color=plots.PALETTE[3], lw=3)
+        level += 1
+    ax.hlines(0.75, 1, 1 + cd, color="k", lw=1.5)
+    ax.text(1 + cd / 2, 0.85, f"critical difference = {cd:.2f}", ha="center", fontsize=8)
+    over = f" over {num_targets} targets" if num_targets else ""
+    ax.set_title(f"mean rank{over} (1 = best); thick bars join scores not significantly different "
+                 f"(Nemenyi, α = {alpha:g})", fontsize=8)
+    ax.axis("off")
+    plots.save(fig, path)
 
 
 # ----------------------------------------------------------------------------- driver
@@ -285,6 +307,7 @@ def rank_scores(scores_csv, truth_csv, out_dir, *, metric: str | None = None, ex
   if tau.shape[1] >= 3 and tau.dropna().shape[0] >= 2:
     fn = friedman_nemenyi(tau, alpha)
     summary["friedman_nemenyi"] = fn
-    plot_critical_difference(fn["mean_ranks"], fn["critical_difference"], out / "critical_difference.png")
+    plot_critical_difference(fn["mean_ranks"], fn["critical_difference"],
+                             out / "critical_difference.png", fn["num_targets"], fn["alpha"])
   io.write_text(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
   return summary
