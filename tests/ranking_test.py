@@ -193,3 +193,22 @@ def test_readers_reject_bad_csv(tmp_path):
   pd.DataFrame({"source": ["a"], "value": [1]}).to_csv(tmp_path / "cols.csv", index=False)
   with pytest.raises(ValueError, match="needs columns"):
     ranking.read_truth_csv(tmp_path / "cols.csv")
+
+
+def test_thin_or_missing_targets_are_warned_in_one_line(tmp_path, capsys):
+  import warnings
+  scores = pd.DataFrame({"source": ["a", "b", "a", "b"], "target": ["t1", "t1", "t1", "t1"],
+                         "score": ["logme", "logme", "leep", "leep"], "value": [1.0, 2.0, 3.0, 1.0]})
+  truth = pd.DataFrame({"source": ["a", "b", "a", "b"], "target": ["t1", "t1", "t2", "t2"],
+                        "metric": "auc", "value": [0.7, 0.8, 0.6, 0.9]})
+  scores.to_csv(tmp_path / "s.csv", index=False)
+  truth.to_csv(tmp_path / "t.csv", index=False)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # no numpy "Mean of empty slice"
+    summary = ranking.rank_scores(tmp_path / "s.csv", tmp_path / "t.csv", tmp_path / "out")
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err == ["warning: ranking: target 't1': only 2 source(s) with both a score and a ground "
+                 "truth; its τ_w can only be ±1 or undefined",
+                 "warning: ranking: target 't2' has a ground truth but no scores; left out"]
+  assert summary["mean_tau"]["logme"] == pytest.approx(1.0)
+  assert summary["mean_tau"]["leep"] == pytest.approx(-1.0)

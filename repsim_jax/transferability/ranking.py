@@ -221,9 +221,10 @@ def plot_tau(tau: pd.DataFrame, path) -> None:
     offsets = np.linspace(-0.25, 0.25, len(names)) if len(names) > 1 else [0.0]
     for i, name in enumerate(names):
       vals = tau[name].to_numpy(dtype=float)
+      mean = tau[name].mean()  # NaN (and no numpy warning) for a score without any τ_w
       ax.scatter(vals, y + offsets[i], s=22, marker=_MARKERS[i % len(_MARKERS)],
                  color=plots.PALETTE[i % len(plots.PALETTE)],
-                 label=f"{name} (mean {np.nanmean(vals):.3f})")
+                 label=f"{name} (mean {mean:.3f})")
     ax.axvline(0.0, color="k", lw=0.6)
     ax.set_yticks(y, targets)
     ax.set_xlim(-1.05, 1.05)
@@ -281,6 +282,27 @@ def plot_critical_difference(ranks: Mapping[str, float], cd: float, path,
 
 # ----------------------------------------------------------------------------- driver
 
+def _warn_about_coverage(scores: Mapping[str, pd.DataFrame], truth: pd.DataFrame,
+                         exclude_self: bool) -> None:
+  """One warning line for each target the ranking cannot use or can barely use: no scores for
+  it, or fewer than 3 sources with both a score and a ground truth (τ_w of 2 is ±1)."""
+  import sys  # pylint: disable=g-import-not-at-top
+  scored = set().union(*[set(map(str, t.columns)) for t in scores.values()]) if scores else set()
+  for target in map(str, truth.columns):
+    if target not in scored:
+      print(f"warning: ranking: target {target!r} has a ground truth but no scores; left out",
+            file=sys.stderr, flush=True)
+      continue
+    sources = set(map(str, truth.index[truth[target].notna()]))
+    if exclude_self:
+      sources.discard(target)
+    n = max((len(sources & set(map(str, t.index[t[target].notna()])))
+             for t in scores.values() if target in t.columns), default=0)
+    if n < 3:
+      print(f"warning: ranking: target {target!r}: only {n} source(s) with both a score and a "
+            "ground truth; its τ_w can only be ±1 or undefined", file=sys.stderr, flush=True)
+
+
 def rank_scores(scores_csv, truth_csv, out_dir, *, metric: str | None = None, exclude_self: bool = True,
                 alpha: float = 0.05) -> dict:
   """Evaluate every score of ``scores_csv`` against ``truth_csv`` and write the results.
@@ -294,12 +316,14 @@ def rank_scores(scores_csv, truth_csv, out_dir, *, metric: str | None = None, ex
   truth = read_truth_csv(truth_csv, metric)
   if "lp" in scores and "fu" in scores and "lp_fu" not in scores:
     scores["lp_fu"] = lp_fu_combine(scores["lp"], scores["fu"], exclude_self=exclude_self)
+  _warn_about_coverage(scores, truth, exclude_self)
   tau = tau_by_score(scores, truth, exclude_self)
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   io.write_text(out / "tau_table.csv", tau.to_csv())
   summary = {
-      "mean_tau": {str(c): (float(np.nanmean(tau[c])) if tau[c].notna().any() else None) for c in tau.columns},
+      "mean_tau": {str(c): (float(tau[c].mean()) if tau[c].notna().any() else None)
+                   for c in tau.columns},
       "exclude_self": exclude_self,
       "num_targets": int(tau.shape[0]),
   }
