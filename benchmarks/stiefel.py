@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from repsim_jax import host
+from repsim_jax.cpu import host
 from repsim_jax.optim import stiefel as st
 
 

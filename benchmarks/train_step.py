@@ -16,8 +16,8 @@ on a shared machine other processes only ever add time, so that is the figure le
 them (timeit's advice for noisy machines). Where torch is installed, the same model and batch in
 eager PyTorch runs on the same kind of device (CUDA when JAX runs on a GPU, with TF32 allowed as
 JAX allows it by default there), in a process of its own (benchmarks/torch_reference.py) timed in
-the same rounds. Host BLAS is single-threaded, as in the trainer (`host.single_threaded_blas`),
-and glibc malloc uses huge pages, as in the command line (`host.malloc_on_huge_pages`; the
+the same rounds. Host BLAS is single-threaded, as in the trainer (`cpu.single_threaded_blas`),
+and glibc malloc uses huge pages, as in the command line (`cpu.malloc_on_huge_pages`; the
 PyTorch process inherits it).
 """
 
@@ -36,7 +36,8 @@ import jax
 
 import numpy as np
 
-from repsim_jax import config_lib, host, methods, models, parallel, train
+from repsim_jax import config_lib, methods, models, parallel, train
+from repsim_jax.cpu import host
 from repsim_jax.optim import optimizers
 
 

@@ -20,7 +20,8 @@ import sys
 import numpy as np
 import pandas as pd
 
-from repsim_jax import config_lib, host, io
+from repsim_jax import config_lib, io
+from repsim_jax.cpu import host
 from repsim_jax.jobs import default as default_run
 
 

@@ -10,7 +10,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from repsim_jax import host
+from repsim_jax import cpu
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:key=val,...]).",
                                           lock_config=True)
@@ -60,6 +60,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  host.malloc_on_huge_pages()  # may re-exec this process, so before anything starts
+  cpu.malloc_on_huge_pages()  # may re-exec this process, so before anything starts
   flags.mark_flags_as_required(["config", "workdir"])
   app.run(main, flags_parser=_parse_flags)

@@ -9,7 +9,6 @@ Multi-host works the same way: each process feeds its own slice of the global ba
 
 from __future__ import annotations
 
-import functools
 from typing import Callable
 
 import jax
@@ -18,27 +17,10 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from repsim_jax import cpu
+
 AXIS = "data"
 BACKENDS = ("shard_map", "pmap")
-
-# XLA:CPU (jaxlib 0.10) hands convolutions, dots and reductions to YNNPACK. Its convolutions
-# barely use a second core at ResNet shapes (3×3, 64 channels, 32×32: 11.2 ms on 2 cores, 12.1 on
-# one) where XLA's own Eigen convolutions do; keeping dots and reductions on YNNPACK but not
-# convolutions makes a ResNet-18 train step on 2 cores 1.2x (64 px) to 1.5x (224 px) faster.
-# Without YNNPACK's reductions the step is twice as slow, so only convolutions are moved.
-_CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
-                         "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
-
-
-@functools.cache
-def cpu_compiler_options() -> dict | None:
-  """The XLA options jitted steps compile with on CPU; None where this jaxlib does not know them."""
-  try:
-    jax.jit(lambda x: x + 1, compiler_options=_CPU_COMPILER_OPTIONS).lower(np.float32(0)).compile()
-  except Exception:  # an older or newer jaxlib without these options: keep its defaults
-    return None
-  return _CPU_COMPILER_OPTIONS
-
 
 def initialize_distributed(cfg, workdir: str = "") -> None:
   """Joins a multi-process run when `cfg.coordinator_address` is set (jax.distributed).
@@ -106,7 +88,7 @@ class DataParallel:
                              check_vma=False)
       on_cpu = self.devices[0].platform == "cpu"
       return jax.jit(mapped, donate_argnums=(0,) if donate_state else (),
-                     compiler_options=cpu_compiler_options() if on_cpu else None)
+                     compiler_options=cpu.compiler_options() if on_cpu else None)
     # jax.pmap takes no compiler options: on CPU it keeps XLA's default (slower) convolutions.
     return jax.pmap(fn, axis_name=AXIS, devices=self.local_devices if jax.process_count() == 1
                     else None, donate_argnums=(0,) if donate_state else (),

@@ -25,7 +25,7 @@ import optax
 
 from repsim_jax import checkpoint as ckpt_lib, evaluation
 from repsim_jax import config_lib, data, metric_writers, models, parallel
-from repsim_jax import host, io, progress as progress_lib, runs, sharpness, similarity
+from repsim_jax import cpu, io, progress as progress_lib, runs, sharpness, similarity
 from repsim_jax import methods as methods_lib
 from repsim_jax.optim import optimizers
 
@@ -221,7 +221,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   return fit(cfg, workdir).results
 
 
-@host.single_threaded_blas()
+@cpu.single_threaded_blas()
 def fit(cfg: ml_collections.ConfigDict, workdir: str) -> Outcome:
   """`train_and_evaluate`, also returning the final state. The run directory is checked first:
   one writer at a time (`runs.exclusive`), and one config (`runs.check_identity`)."""

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from repsim_jax.models import conv
+from repsim_jax.cpu import conv
 
 DN = ("NHWC", "HWIO", "NHWC")
 

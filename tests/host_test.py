@@ -8,7 +8,7 @@ import sys
 import pytest
 import threadpoolctl
 
-from repsim_jax import host
+from repsim_jax.cpu import host
 
 
 def _blas_threads():
@@ -38,7 +38,7 @@ def test_single_threaded_blas_as_decorator():
 # the second and third rounds.
 _STEP_BUFFER = """
 import ctypes, os, resource, sys, threading
-from repsim_jax import host
+from repsim_jax.cpu import host
 if sys.argv[1] == "huge":
   host.malloc_on_huge_pages()
 libc = ctypes.CDLL(None)

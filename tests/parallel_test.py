@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from repsim_jax import parallel
+from repsim_jax import cpu, parallel
 
 
 def _loss_and_grads(x, w):
@@ -24,7 +24,7 @@ def _ynn_convolutions(compiled) -> int:
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU compiler options")
 def test_cpu_options_move_convolutions_off_ynnpack_with_same_values():
-  opts = parallel.cpu_compiler_options()
+  opts = cpu.compiler_options()
   if opts is None:
     pytest.skip("this jaxlib has no YNNPACK fusion options")
   rng = np.random.default_rng(0)
@@ -43,7 +43,7 @@ def test_cpu_options_move_convolutions_off_ynnpack_with_same_values():
     np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.skipif(jax.default_backend() != "cpu" or parallel.cpu_compiler_options() is None,
+@pytest.mark.skipif(jax.default_backend() != "cpu" or cpu.compiler_options() is None,
                     reason="CPU compiler options")
 def test_data_parallel_compile_uses_the_cpu_options():
   dp = parallel.DataParallel("shard_map", 1)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from repsim_jax.models import pooling
+from repsim_jax.cpu import pooling
 
 CASES = [
     ((2, 9, 9, 3), (3, 3), (2, 2), ((1, 1), (1, 1))),   # ResNet stem pool, odd input
@@ -56,3 +56,13 @@ def test_jit_and_bfloat16():
 def test_rank_error():
   with pytest.raises(ValueError, match="rank 4"):
     pooling.max_pool(jnp.zeros((8, 8, 3)))
+
+
+def test_the_custom_form_is_taken_only_on_cpu():
+  # Measured on XLA:CPU only: on GPU/TPU the backend's own reduce-window (and its gradient) runs.
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 9, 9, 3)), jnp.float32)
+  cpu_form = str(jax.make_jaxpr(lambda x: pooling.max_pool(x, backend="cpu"))(x))
+  other = str(jax.make_jaxpr(lambda x: pooling.max_pool(x, backend="gpu"))(x))
+  assert "custom_vjp" in cpu_form and "reduce_window" not in cpu_form
+  assert "reduce_window_max" in other and "custom_vjp" not in other
+  np.testing.assert_array_equal(pooling.max_pool(x, backend="gpu"), pooling.max_pool(x))

@@ -15,8 +15,7 @@ from typing import Any, Callable, ClassVar, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from repsim_jax.models import conv as small_map_conv
-from repsim_jax.models import pooling
+from repsim_jax import cpu
 
 ModuleDef = Callable[..., nn.Module]
 
@@ -126,7 +125,7 @@ class ResNet(nn.Module):
     conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
                              param_dtype=jnp.float32, kernel_init=_conv_init,
                              precision=self.precision,
-                             conv_general_dilated=small_map_conv.conv_general_dilated)
+                             conv_general_dilated=cpu.conv_general_dilated)
     # momentum 0.9 / eps 1e-5 = torchvision's BatchNorm2d(momentum=0.1, eps=1e-5).
     norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
                              epsilon=1e-5, dtype=self.dtype, param_dtype=jnp.float32,
@@ -138,8 +137,8 @@ class ResNet(nn.Module):
       x = conv(self.width, (7, 7), (2, 2), padding=_pad(7), name="conv1")(x)
       x = nn.relu(norm(name="bn1")(x))
       # = nn.max_pool (-inf padding, like torch's MaxPool2d(3, 2, padding=1)) without its
-      # costly reduce-window gradient; see models/pooling.py.
-      x = pooling.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
+      # costly reduce-window gradient on CPU; see cpu/pooling.py.
+      x = cpu.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
     else:
       x = conv(self.width, (3, 3), padding=_pad(3), name="conv1")(x)
       x = nn.relu(norm(name="bn1")(x))

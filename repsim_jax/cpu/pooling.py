@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from repsim_jax.models import phases
+from repsim_jax.cpu import phases
 
 
 def _out_size(n: int, k: int, s: int, lo: int, hi: int) -> int:
@@ -66,8 +66,12 @@ def _max_pool(x, window, strides, padding, in_hw):
   return _forward(x, window, strides, padding)[0]
 
 
-def max_pool(x, window=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1))):
-  """`nn.max_pool(x, window, strides, padding)` for NHWC `x` with explicit ((lo, hi), (lo, hi))."""
+def max_pool(x, window=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), *, backend=None):
+  """`nn.max_pool(x, window, strides, padding)` for NHWC `x` with explicit ((lo, hi), (lo, hi)):
+  the slices-and-index form on CPU (where it was measured), flax's own elsewhere."""
+  if (backend or jax.default_backend()) != "cpu":
+    import flax.linen as nn  # pylint: disable=g-import-not-at-top
+    return nn.max_pool(x, tuple(window), tuple(strides), tuple(map(tuple, padding)))
   return _max_pool(x, tuple(window), tuple(strides), tuple(map(tuple, padding)),
                    tuple(x.shape[1:3]))
 

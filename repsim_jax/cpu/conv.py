@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from repsim_jax.models import phases
+from repsim_jax.cpu import phases
 
 SMALL_OUTPUT = 16  # output H·W at or below which CPU uses im2col
 _NHWC = ("NHWC", "HWIO", "NHWC")
