@@ -3,9 +3,11 @@
   python benchmarks/train_step.py [--steps 10] [--models resnet18@64,resnet18@224,vit_s16@224]
       [--methods full_ft,repsim:learned,repsim:procrustes,repsim:covariance,full_ft+sim]
 
-A method spec `NAME[:q_mode[:retraction]][+sim]`. Steps are timed as a run's unlogged steps are;
-`+sim` logs every step, with in-step similarity (linear CKA of every representation to the
-pretrained model) and the method's diagnostics, to measure what a logged step costs.
+A method spec `NAME[:q_mode[:retraction]][+sim][+nocheck]`; `+nocheck` leaves out the step's
+finiteness check of the new parameters and BatchNorm statistics, to measure what it costs.
+Steps are timed as a run's unlogged steps are; `+sim` logs every step, with in-step similarity
+(linear CKA of every representation to the pretrained model) and the method's diagnostics, to
+measure what a logged step costs.
 
 Prints one JSON line per (model, size, method). The step is the trainer's own per-device step
 (`train.make_train_step`) compiled for one device of the default backend, batch 32, SGD momentum.
@@ -42,6 +44,8 @@ from repsim_jax.optim import optimizers
 
 
 def build(model_name: str, size: int, method_spec: str, batch: int):
+  method_spec, nocheck = method_spec.removesuffix("+nocheck"), method_spec.endswith("+nocheck")
+  checked_spec = method_spec
   method_spec, sim = method_spec.removesuffix("+sim"), method_spec.endswith("+sim")
   name, *rest = method_spec.split(":")
   overrides = dict(zip(("q_mode", "retraction"), rest))
@@ -63,13 +67,21 @@ def build(model_name: str, size: int, method_spec: str, batch: int):
       opt_state=tx.init(params),
       ref_variables=variables if (method.needs_reference or method.reference_forward or sim)
       else {},
-      nonfinite_step=np.asarray(-1, np.int32))
+      nonfinite_step=np.asarray(-1, np.int32), skipped_steps=np.asarray(0, np.int32))
   dp = parallel.DataParallel("shard_map", 1)
   # Without +sim the step runs as on the steps a run does not log (diagnostics skipped).
   log_every = 1 if sim else config_lib.train_config().train.log_every
   step = dp.compile(train.make_train_step(model, method, tx, "multiclass", log_every,
                                           in_step_similarity=sim))
-  return dp, step, dp.put_replicated(state), dp.put_batch({"image": x, "label": y})
+  state, b = dp.put_replicated(state), dp.put_batch({"image": x, "label": y})
+  if nocheck:  # trace the step once with the parameter/statistics finiteness check removed
+    real, train._all_finite = train._all_finite, lambda tree: True  # noqa: E731
+    try:
+      jax.block_until_ready(step(state, b, dp.put_replicated(np.zeros((2,), np.uint32))))
+    finally:
+      train._all_finite = real
+    state = build(model_name, size, checked_spec, batch)[2]
+  return dp, step, state, b
 
 
 def jax_runner(model_name, size, method_spec, batch):
