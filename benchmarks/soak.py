@@ -49,7 +49,7 @@ def main():
   shutil.rmtree(args.workdir, ignore_errors=True)
   c = config_lib.train_config()
   c.data.source = "synthetic"
-  c.data.kind = c.data.name = "medical_gray"
+  c.data.name = "medical_gray"
   c.data.data_dir = os.path.join(args.workdir, "data")
   c.data.size, c.data.num_classes = 16, 3
   c.data.train_size, c.data.val_size, c.data.test_size = 512, 128, 128

@@ -30,7 +30,5 @@ def get_config(arg=None):
   c.measures = ()            # () = every measure in repsim_jax.similarity.MEASURES
   c.probe_batches = 4
   c.sharpness = config_lib.sharpness_config()
-  c.parallel = ml_collections.ConfigDict({"backend": "shard_map", "num_devices": -1,
-                                          "coordinator_address": "", "num_processes": 1,
-                                          "process_id": 0})
+  c.parallel = config_lib.parallel_config()
   return c

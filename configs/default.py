@@ -2,8 +2,9 @@
 
   python -m repsim_jax.main --config=configs/default.py --workdir=runs/default
 
-Runs on 2 CPU cores in a few minutes. `:key=val` args: pretrain_steps, finetune_steps, size,
-model, seed. Anything else: `--config.pretrain.optim.lr=...`, `--config.finetune.train.batch_size=...`.
+About a minute on 2 CPU cores. `:key=val` args: pretrain_steps, finetune_steps, size, model, seed,
+lam. Devices and multi-host settings for every stage: `--config.parallel.*`; anything else per
+stage: `--config.pretrain.optim.lr=...`, `--config.finetune.train.batch_size=...`.
 """
 
 import ml_collections
@@ -17,13 +18,13 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.job = "default"
   c.seed = a.seed
+  c.parallel = config_lib.parallel_config()  # every stage runs with these (the job copies them)
 
   # Source domain: "natural" colour images, more classes.
   p = config_lib.train_config()
   p.name = "pretrain"
   p.seed = a.seed
   p.data.source = "synthetic"
-  p.data.kind = "natural"
   p.data.name = "natural"
   p.data.size = a.size
   p.data.num_classes = 8
@@ -47,7 +48,6 @@ def get_config(arg=None):
   f.name = "finetune"
   f.seed = a.seed
   f.data.source = "synthetic"
-  f.data.kind = "medical_gray"
   f.data.name = "medical_gray"
   f.data.size = a.size
   f.data.num_classes = 4

@@ -19,7 +19,6 @@ def get_config(arg=None):
   c.seed = a.seed
   c.data.source = a.source
   c.data.name = a.dataset
-  c.data.kind = a.dataset
   c.data.size = a.size
   c.data.image_size = a.image_size
   c.data.data_dir = a.data_dir

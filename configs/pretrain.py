@@ -18,7 +18,6 @@ def get_config(arg=None):
   c.seed = a.seed
   c.data.source = a.source
   c.data.name = a.dataset
-  c.data.kind = a.dataset
   c.data.size = a.size
   c.data.num_classes = 10
   c.data.train_size = 10000

@@ -6,7 +6,7 @@ targets=dermamnist+breastmnist,lrs=1e-3+1e-2,epochs=10,scores=runs/transfer/scor
 
 `:key=val` args: sources (as configs/transferability.py: `name=model@path` items separated by ';',
 or a file; `name=model@` with no path = random init, a from-scratch baseline), targets ('+' or
-';' separated dataset names; each sets data.name / data.kind), source (data source), size,
+';' separated dataset names; each sets data.name), source (data source), size,
 image_size, data_dir, lrs ('+' separated), steps, epochs, batch, method, metric (a test metric of
 the runs' results.json: auc, accuracy, f1, ...), scores (a transferability scores.csv to rank
 against the ground truth), seed. Every trainer setting applies to every run: `--config.optim.*`,

@@ -4,7 +4,7 @@
     --config="configs/transferability.py:target=dermamnist,size=28,sources=\
 imagenet=resnet18@weights/r18.safetensors;pretrain=runs/pretrain_r18"
 
-`:key=val` args: sources, target (sets data.name and data.kind), source (data source: medmnist |
+`:key=val` args: sources, target (sets data.name), source (data source: medmnist |
 image_folder | tfds | synthetic), size, image_size, data_dir, max_examples (0 = the whole train
 split), batch, scores ('+'-separated subset of repsim_jax.jobs.transferability.SCORES), seed.
 Sources: `name=model@path` items separated by ';' (quote them for the shell), or a file with one
@@ -33,7 +33,6 @@ def get_config(arg=None):
   c.data = config_lib.train_config().data
   c.data.source = a.source
   c.data.name = a.target
-  c.data.kind = a.target
   c.data.size = a.size
   c.data.image_size = a.image_size
   c.data.data_dir = a.data_dir
@@ -48,7 +47,5 @@ def get_config(arg=None):
   c.fu = ml_collections.ConfigDict({"early_layer": "", "first_layer": "", "max_examples": 512,
                                     "batch_size": 64, "margin": 0.05})
   c.nleep = ml_collections.ConfigDict({"covariance_type": "diag"})
-  c.parallel = ml_collections.ConfigDict({"backend": "shard_map", "num_devices": -1,
-                                          "coordinator_address": "", "num_processes": 1,
-                                          "process_id": 0})
+  c.parallel = config_lib.parallel_config()
   return c

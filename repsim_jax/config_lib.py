@@ -95,6 +95,57 @@ def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
                     json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str) + "\n")
 
 
+def data_config() -> ml_collections.ConfigDict:
+  """Every `config.data` key with its default: the one place data defaults live
+  (`data.load_dataset` fills what a caller leaves out from here)."""
+  d = ml_collections.ConfigDict()
+  d.source = "synthetic"     # medmnist | image_folder | tfds | synthetic
+  d.name = "medical_gray"    # MedMNIST / TFDS name; synthetic: natural | medical_gray | medical_rgb
+  d.data_dir = "data"
+  d.size = 28                # stored MedMNIST size (28/64/128/224) or synthetic size
+  d.image_size = 0           # model input size; 0 = stored size
+  d.channels = 3             # model input channels (grayscale is repeated); 0 = stored
+  d.mean = (0.5, 0.5, 0.5)
+  d.std = (0.25, 0.25, 0.25)
+  d.augment = "flip_crop"    # none | flip_crop
+  d.worker_count = 0
+  d.num_classes = 4          # synthetic
+  d.train_size = 2000          # synthetic
+  d.val_size = 400           # synthetic
+  d.test_size = 800           # synthetic
+  d.difficulty = 0.5         # synthetic: 0 easy .. 1 hard
+  d.imbalance = 1.0          # synthetic: ratio of largest to smallest class
+  d.seed = 0                 # synthetic: generator seed
+  d.task = ""                # image_folder / tfds: override the derived task
+  d.root = ""                # image_folder: images (and the CSV) live here
+  d.csv = ""                 # image_folder: path,label[,split] rows; "" = a folder per class
+  d.val_fraction = 0.1       # image_folder without a split column
+  d.test_fraction = 0.1
+  d.split_seed = 0
+  d.path_column = "path"
+  d.label_column = "label"
+  d.split_column = "split"
+  d.path_suffix = ""
+  d.classes = ()             # image_folder: the class labels in id order; () = the train split's
+  d.builder_dir = ""         # tfds: a prepared dataset directory instead of name + data_dir
+  d.splits = ml_collections.ConfigDict({"train": "train", "val": "validation", "test": "test"})
+  d.image_key = "image"      # tfds
+  d.label_key = "label"      # tfds
+  return d
+
+
+def parallel_config() -> ml_collections.ConfigDict:
+  """`config.parallel`: devices, backend and the multi-host settings (every job that runs models)."""
+  p = ml_collections.ConfigDict()
+  p.backend = "shard_map"  # shard_map | pmap
+  p.num_devices = -1       # -1 = all
+  p.coordinator_address = ""
+  p.num_processes = 1
+  p.process_id = 0
+  p.heartbeat_timeout_seconds = 30  # multi-host: a dead peer ends the run within this
+  return p
+
+
 def train_config() -> ml_collections.ConfigDict:
   """Every key the trainer reads, with defaults; configs/*.py start from this and change a few."""
   c = ml_collections.ConfigDict()
@@ -102,40 +153,7 @@ def train_config() -> ml_collections.ConfigDict:
   c.name = ""
   c.seed = 0
 
-  c.data = ml_collections.ConfigDict()
-  c.data.source = "synthetic"     # medmnist | image_folder | tfds | synthetic
-  c.data.name = "medical_gray"    # MedMNIST / TFDS name; for synthetic, the kind
-  c.data.kind = "medical_gray"    # synthetic: natural | medical_gray | medical_rgb
-  c.data.data_dir = "data"
-  c.data.size = 28                # stored MedMNIST size (28/64/128/224) or synthetic size
-  c.data.image_size = 0           # model input size; 0 = stored size
-  c.data.channels = 3             # model input channels (grayscale is repeated); 0 = stored
-  c.data.mean = (0.5, 0.5, 0.5)
-  c.data.std = (0.25, 0.25, 0.25)
-  c.data.augment = "flip_crop"    # none | flip_crop
-  c.data.worker_count = 0
-  c.data.num_classes = 4          # synthetic
-  c.data.train_size = 2000          # synthetic
-  c.data.val_size = 400           # synthetic
-  c.data.test_size = 800           # synthetic
-  c.data.difficulty = 0.5         # synthetic: 0 easy .. 1 hard
-  c.data.imbalance = 1.0          # synthetic: ratio of largest to smallest class
-  c.data.seed = 0                 # synthetic: generator seed
-  c.data.task = ""                # image_folder / tfds: override the derived task
-  c.data.root = ""                # image_folder: images (and the CSV) live here
-  c.data.csv = ""                 # image_folder: path,label[,split] rows; "" = a folder per class
-  c.data.val_fraction = 0.1       # image_folder without a split column
-  c.data.test_fraction = 0.1
-  c.data.split_seed = 0
-  c.data.path_column = "path"
-  c.data.label_column = "label"
-  c.data.split_column = "split"
-  c.data.path_suffix = ""
-  c.data.classes = ()             # image_folder: the class labels in id order; () = the train split's
-  c.data.builder_dir = ""         # tfds: a prepared dataset directory instead of name + data_dir
-  c.data.splits = ml_collections.ConfigDict({"train": "train", "val": "validation", "test": "test"})
-  c.data.image_key = "image"      # tfds
-  c.data.label_key = "label"      # tfds
+  c.data = data_config()
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "resnet_small"
@@ -190,13 +208,7 @@ def train_config() -> ml_collections.ConfigDict:
   c.analysis.split = "test"
   c.analysis.max_examples = 2000
 
-  c.parallel = ml_collections.ConfigDict()
-  c.parallel.backend = "shard_map"  # shard_map | pmap
-  c.parallel.num_devices = -1       # -1 = all
-  c.parallel.coordinator_address = ""
-  c.parallel.num_processes = 1
-  c.parallel.process_id = 0
-  c.parallel.heartbeat_timeout_seconds = 30  # multi-host: a dead peer ends the run within this
+  c.parallel = parallel_config()
   return c
 
 

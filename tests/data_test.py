@@ -176,7 +176,7 @@ def test_synthetic_difficulty_lowers_class_signal():
 
 
 def test_synthetic_through_load_dataset_is_cached(tmp_path):
-  cfg = _cfg(source="synthetic", kind="medical_rgb", num_classes=5, train_size=40, val_size=8,
+  cfg = _cfg(source="synthetic", name="medical_rgb", num_classes=5, train_size=40, val_size=8,
              test_size=8, size=20, difficulty=0.5, imbalance=2.0, seed=0, data_dir=str(tmp_path))
   splits, info = load_dataset(cfg)
   assert info == DatasetInfo("synthetic_medical_rgb", 5, "multiclass", (20, 20, 3))
@@ -189,9 +189,9 @@ def test_synthetic_through_load_dataset_is_cached(tmp_path):
   _, info = load_dataset(cfg)
   assert info.task == "binary" and len(os.listdir(tmp_path)) == 2
   with pytest.raises(ValueError, match="num_classes"):
-    load_dataset(_cfg(source="synthetic", kind="medical_gray", num_classes=12, data_dir=str(tmp_path)))
-  with pytest.raises(ValueError, match="kind"):
-    load_dataset(_cfg(source="synthetic", kind="xray", num_classes=2, data_dir=str(tmp_path)))
+    load_dataset(_cfg(source="synthetic", name="medical_gray", num_classes=12, data_dir=str(tmp_path)))
+  with pytest.raises(ValueError, match="config.data.name=.xray.: expected one of"):
+    load_dataset(_cfg(source="synthetic", name="xray", num_classes=2, data_dir=str(tmp_path)))
 
 
 # ----------------------------------------------------------------------------- image folder

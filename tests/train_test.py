@@ -21,7 +21,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def tiny_config(tmp_path, **overrides):
   c = config_lib.train_config()
   c.data.source = "synthetic"
-  c.data.kind = "medical_gray"
   c.data.name = "medical_gray"
   c.data.data_dir = str(tmp_path / "data")
   c.data.size = 16

@@ -35,7 +35,6 @@ sweep_config = _config_module("sweep")
 
 def _set_data(d, data_dir, kind, num_classes, train_size):
   d.source = "synthetic"
-  d.kind = kind
   d.name = kind
   d.data_dir = data_dir
   d.size = 16

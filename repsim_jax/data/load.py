@@ -9,11 +9,6 @@ from repsim_jax.data.core import DatasetInfo
 SOURCES = ("medmnist", "image_folder", "tfds", "synthetic")
 
 
-def _get(cfg, key: str, default: Any) -> Any:
-  value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
-  return default if value is None else value
-
-
 def load_dataset(cfg) -> tuple[dict[str, Any], DatasetInfo]:
   """`_load` with its argument errors named as the config keys they come from: the loaders
   say `size: expected >= 8 pixels`, a user of the command line reads `config.data.size=4: ...`."""
@@ -23,64 +18,62 @@ def load_dataset(cfg) -> tuple[dict[str, Any], DatasetInfo]:
     text = str(e)
     word = text.split(":", 1)[0]
     key = word[4:] if word.startswith("cfg.") else word
+    key = {"kind": "name"}.get(key, key)  # the synthetic loader's argument for config.data.name
     if key.isidentifier() and key in cfg:
       raise ValueError(f"config.data.{key}={cfg[key]!r}:{text.split(':', 1)[1]}") from e
     raise
 
 
-def _load(cfg) -> tuple[dict[str, Any], DatasetInfo]:
-  """Loads the splits described by an ml_collections ConfigDict (or any mapping).
+def _with_defaults(cfg) -> dict:
+  """`cfg` (a ConfigDict or mapping) over `config_lib.data_config()`'s defaults, except `name`:
+  left out, an image folder is named after its root and the other sources refuse."""
+  from repsim_jax import config_lib  # pylint: disable=g-import-not-at-top
+  given = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+  defaults = config_lib.data_config().to_dict()
+  defaults.pop("name")
+  return {**defaults, **{k: v for k, v in given.items() if v is not None}}
 
-  `cfg.source` selects the loader; its keys (defaults in brackets):
-  - 'medmnist': name (e.g. 'pathmnist' or 'path'), size [28], data_dir ['~/.medmnist'].
-  - 'image_folder': root, csv [''], image_size [224], channels [3], val_fraction [0.1],
-    test_fraction [0.1], split_seed [0], path_column ['path'], label_column ['label'],
-    split_column ['split'], path_suffix [''], task [derived], name [root's base name].
-  - 'tfds': name or builder_dir, data_dir, splits (dict ours -> TFDS split), image_key
-    ['image'], label_key ['label'], image_size, task.
-  - 'synthetic': kind ('natural' | 'medical_gray' | 'medical_rgb'), num_classes, train_size
-    [2000], val_size [500], test_size [1000], size [28], difficulty [0.3], imbalance [1.0],
-    seed [0], data_dir ['~/.repsim_jax/synthetic'].
+
+def _load(cfg) -> tuple[dict[str, Any], DatasetInfo]:
+  """Loads the splits `cfg` describes (`config.data`; keys and defaults: `config_lib.data_config`).
+
+  `cfg.source` selects the loader: 'medmnist' (name, size, data_dir), 'image_folder' (root, csv,
+  image_size, channels, val/test_fraction, split_seed, the column names, path_suffix, task,
+  classes, name [root's base name]), 'tfds' (name or builder_dir, data_dir, splits, image_key,
+  label_key, image_size, task), 'synthetic' (name = natural | medical_gray | medical_rgb,
+  num_classes, the split sizes, size, difficulty, imbalance, seed, data_dir).
 
   Returns:
     ({split name: random-access source}, DatasetInfo).
   """
-  source = _get(cfg, "source", None)
+  c = _with_defaults(cfg)
+  source = c["source"]
+  if source in ("medmnist", "tfds", "synthetic") and not c.get("name") and not (
+      source == "tfds" and c["builder_dir"]):
+    raise ValueError(f"name: the {source} source needs a data set name")
   if source == "medmnist":
     from repsim_jax.data.medmnist import load_medmnist  # pylint: disable=g-import-not-at-top
-    return load_medmnist(_get(cfg, "name", ""), int(_get(cfg, "size", 28)),
-                         _get(cfg, "data_dir", "~/.medmnist"))
+    return load_medmnist(c["name"], int(c["size"]), c["data_dir"])
   if source == "image_folder":
     from repsim_jax.data.image_folder import load_image_folder  # pylint: disable=g-import-not-at-top
     return load_image_folder(
-        _get(cfg, "root", ""), csv=_get(cfg, "csv", ""),
-        image_size=int(_get(cfg, "image_size", 224)), channels=int(_get(cfg, "channels", 3)),
-        val_fraction=float(_get(cfg, "val_fraction", 0.1)),
-        test_fraction=float(_get(cfg, "test_fraction", 0.1)),
-        split_seed=int(_get(cfg, "split_seed", 0)), path_column=_get(cfg, "path_column", "path"),
-        label_column=_get(cfg, "label_column", "label"),
-        split_column=_get(cfg, "split_column", "split"),
-        path_suffix=_get(cfg, "path_suffix", ""), task=cfg.get("task", None) or None,
-        name=cfg.get("name", None) or None, classes=tuple(cfg.get("classes", ()) or ()))
+        c["root"], csv=c["csv"], image_size=int(c["image_size"] or 224),
+        channels=int(c["channels"] or 3), val_fraction=float(c["val_fraction"]),
+        test_fraction=float(c["test_fraction"]), split_seed=int(c["split_seed"]),
+        path_column=c["path_column"], label_column=c["label_column"],
+        split_column=c["split_column"], path_suffix=c["path_suffix"], task=c["task"] or None,
+        name=c.get("name") or None, classes=tuple(c["classes"] or ()))
   if source == "tfds":
     from repsim_jax.data.tfds_source import load_tfds  # pylint: disable=g-import-not-at-top
-    splits = cfg.get("splits", None)
-    if splits is not None and hasattr(splits, "to_dict"):
-      splits = splits.to_dict()
-    image_size = cfg.get("image_size", None)
     return load_tfds(
-        _get(cfg, "name", ""), data_dir=cfg.get("data_dir", None) or None,
-        builder_dir=_get(cfg, "builder_dir", ""), splits=splits or None,
-        image_key=_get(cfg, "image_key", "image"), label_key=_get(cfg, "label_key", "label"),
-        image_size=None if image_size is None else int(image_size),
-        task=cfg.get("task", None) or None)
+        c.get("name", ""), data_dir=c["data_dir"] or None, builder_dir=c["builder_dir"],
+        splits=c["splits"] or None, image_key=c["image_key"], label_key=c["label_key"],
+        image_size=int(c["image_size"]) or None, task=c["task"] or None)
   if source == "synthetic":
     from repsim_jax.data.synthetic import load_synthetic  # pylint: disable=g-import-not-at-top
     return load_synthetic(
-        kind=_get(cfg, "kind", "natural"), num_classes=int(_get(cfg, "num_classes", 10)),
-        train_size=int(_get(cfg, "train_size", 2000)), val_size=int(_get(cfg, "val_size", 500)),
-        test_size=int(_get(cfg, "test_size", 1000)), size=int(_get(cfg, "size", 28)),
-        difficulty=float(_get(cfg, "difficulty", 0.3)),
-        imbalance=float(_get(cfg, "imbalance", 1.0)), seed=int(_get(cfg, "seed", 0)),
-        data_dir=_get(cfg, "data_dir", "~/.repsim_jax/synthetic"))
+        kind=c["name"], num_classes=int(c["num_classes"]), train_size=int(c["train_size"]),
+        val_size=int(c["val_size"]), test_size=int(c["test_size"]), size=int(c["size"]),
+        difficulty=float(c["difficulty"]), imbalance=float(c["imbalance"]), seed=int(c["seed"]),
+        data_dir=c["data_dir"])
   raise ValueError(f"cfg.source: expected one of {SOURCES}, got {source!r}")

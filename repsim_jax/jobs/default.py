@@ -30,12 +30,21 @@ def stage(cfg, parent: str, name: str) -> tuple[str, dict]:
   return run_dir, results
 
 
+def _with_parallel(stage_cfg, config):
+  """The stage's config with the job-wide `config.parallel` (one setting for every stage)."""
+  out = copy.deepcopy(stage_cfg)
+  if "parallel" in config:
+    with out.unlocked():
+      out.parallel = copy.deepcopy(config.parallel)
+  return out
+
+
 def run(config, workdir: str) -> dict:
   with runs.exclusive(workdir):
-    pre_dir, pretrain = stage(config.pretrain, workdir, "pretrain")
+    pre_dir, pretrain = stage(_with_parallel(config.pretrain, config), workdir, "pretrain")
     rows = {}
     for key, method_cfg in config.methods.items():
-      f = copy.deepcopy(config.finetune)
+      f = _with_parallel(config.finetune, config)
       with f.unlocked():
         f.name = f"finetune_{key}"
         f.model.init = pre_dir

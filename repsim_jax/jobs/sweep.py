@@ -78,7 +78,6 @@ def run_config(base, source: transfer_job.Source, target: str, overrides: dict,
   """One grid point's train config (`eval_every` None: the base config's)."""
   cfg = ml_collections.ConfigDict(base.to_dict())
   cfg.data.name = target
-  cfg.data.kind = target
   cfg.model.name = source.model
   cfg.model.init = source.path
   if source.kwargs:

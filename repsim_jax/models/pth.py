@@ -103,7 +103,8 @@ def load(path: str, name: str):
     raise ValueError(f"{name}: not a readable torch checkpoint "
                      f"({' '.join(str(e).split())[:160]})") from None
   except (zipfile.BadZipFile, KeyError, EOFError, pickle.UnpicklingError, TypeError,
-          IndexError, AttributeError, OSError) as e:
+          IndexError, AttributeError, OSError, MemoryError, OverflowError, RecursionError) as e:
+    # MemoryError: a corrupt length field in the pickle asking for an impossible allocation.
     raise ValueError(f"{name}: not a readable torch checkpoint (truncated or corrupt: "
                      f"{type(e).__name__}: {' '.join(str(e).split())[:120]})"
                      ) from None

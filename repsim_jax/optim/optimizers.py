@@ -15,8 +15,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
-SCHEDULES = ("constant", "cosine")
 
 
 def path_str(path) -> str:
@@ -29,29 +27,42 @@ def tree_paths(tree):
   return jax.tree_util.tree_map_with_path(lambda p, _: path_str(p), tree)
 
 
+def _constant(cfg, num_steps):
+  del num_steps
+  if cfg.warmup_steps:
+    return optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps)
+  return optax.constant_schedule(cfg.lr)
+
+
+def _cosine(cfg, num_steps):
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=cfg.lr, warmup_steps=cfg.warmup_steps,
+      decay_steps=max(num_steps, cfg.warmup_steps + 1), end_value=0.0)
+
+
+# config.optim.schedule -> (cfg, num_steps) -> schedule; the keys are the valid names.
+SCHEDULES = {"constant": _constant, "cosine": _cosine}
+
+# config.optim.name -> (cfg, learning rate or schedule) -> the base transform.
+OPTIMIZERS = {
+    "sgd": lambda cfg, lr: optax.sgd(lr),
+    "momentum": lambda cfg, lr: optax.sgd(lr, momentum=cfg.momentum, nesterov=cfg.nesterov),
+    "adam": lambda cfg, lr: optax.adam(lr, b1=cfg.b1, b2=cfg.b2),
+    "adamw": lambda cfg, lr: optax.adamw(lr, b1=cfg.b1, b2=cfg.b2,
+                                         weight_decay=cfg.weight_decay, mask=_decay_mask),
+}
+
+
 def learning_rate_schedule(cfg, num_steps: int) -> optax.Schedule:
-  if cfg.schedule == "constant":
-    if cfg.warmup_steps:
-      return optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps)
-    return optax.constant_schedule(cfg.lr)
-  if cfg.schedule == "cosine":
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=cfg.lr, warmup_steps=cfg.warmup_steps,
-        decay_steps=max(num_steps, cfg.warmup_steps + 1), end_value=0.0)
-  raise ValueError(f"config.optim.schedule={cfg.schedule!r}: expected one of {list(SCHEDULES)}")
+  if cfg.schedule not in SCHEDULES:
+    raise ValueError(f"config.optim.schedule={cfg.schedule!r}: expected one of {list(SCHEDULES)}")
+  return SCHEDULES[cfg.schedule](cfg, num_steps)
 
 
 def _base(cfg, lr) -> optax.GradientTransformation:
-  if cfg.name == "sgd":
-    return optax.sgd(lr)
-  if cfg.name == "momentum":
-    return optax.sgd(lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
-  if cfg.name == "adam":
-    return optax.adam(lr, b1=cfg.b1, b2=cfg.b2)
-  if cfg.name == "adamw":
-    return optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay,
-                       mask=_decay_mask)
-  raise ValueError(f"config.optim.name={cfg.name!r}: expected one of {list(OPTIMIZERS)}")
+  if cfg.name not in OPTIMIZERS:
+    raise ValueError(f"config.optim.name={cfg.name!r}: expected one of {list(OPTIMIZERS)}")
+  return OPTIMIZERS[cfg.name](cfg, lr)
 
 
 def _decay_mask(params):

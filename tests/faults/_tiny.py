@@ -11,7 +11,7 @@ FIXTURE = os.path.join(os.path.dirname(REPO), "shared", "fixtures")
 def tiny_config(tmp_path, **overrides):
   c = config_lib.train_config()
   c.data.source = "synthetic"
-  c.data.kind = c.data.name = "medical_gray"
+  c.data.name = "medical_gray"
   c.data.data_dir = str(tmp_path / "data")
   c.data.size = 16
   c.data.num_classes = 3

@@ -130,8 +130,8 @@ def _default_config(tmp_path, lam):
     stage.data.data_dir = str(tmp_path / "data")
     stage.data.train_size, stage.data.val_size, stage.data.test_size = 128, 64, 64
     stage.train.tensorboard = False
-    stage.parallel.num_devices = 1
     stage.analysis.max_examples = 64
+  c.parallel.num_devices = 1  # once for every stage
   return c
 
 
@@ -152,6 +152,7 @@ def test_default_run_reruns_only_the_changed_stage(tmp_path):
   assert second["methods"]["repsim"] != first["methods"]["repsim"]
   cfg = json.load(open(os.path.join(wd, new[0], "config.json")))
   assert cfg["method"]["lam"] == 1.0 and new[0].endswith(runs.identity(cfg))
+  assert cfg["parallel"]["num_devices"] == 1
 
 
 @pytest.fixture(scope="module")
