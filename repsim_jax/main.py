@@ -52,7 +52,8 @@ def main(argv):
     par = _CONFIG.value.get("parallel")  # (loads the config file: errors are caught below)
     if par is not None and par.get("coordinator_address") and par.get("num_processes", 1) > 1:
       from repsim_jax import peers  # pylint: disable=g-import-not-at-top
-      peers.supervise(par.get("process_id", 0), _WORKDIR.value)
+      peers.supervise(par.get("process_id", 0), _WORKDIR.value,
+                      int(par.get("heartbeat_timeout_seconds", 30)))
     jobs.run(_CONFIG.value, _WORKDIR.value)
   except (ValueError, OSError, FloatingPointError, KeyError) as e:
     # ml_collections reports a config file it could not load on first use, the cause last.

@@ -22,23 +22,21 @@ from repsim_jax import cpu
 AXIS = "data"
 BACKENDS = ("shard_map", "pmap")
 
-def initialize_distributed(cfg, workdir: str = "") -> None:
+
+def initialize_distributed(cfg) -> None:
   """Joins a multi-process run when `cfg.coordinator_address` is set (jax.distributed).
 
-  A peer silent for `cfg.heartbeat_timeout_seconds` ends this process with one line on stderr
-  and exit status 1 (`repsim_jax.peers`; jax's default aborts later with a C++ stack trace).
+  A peer silent for `cfg.heartbeat_timeout_seconds` (jax's default: 100 s) aborts the others;
+  the command line turns that into one line (`repsim_jax.peers`).
   """
   if not cfg.get("coordinator_address"):
     return
-  from repsim_jax import peers  # pylint: disable=g-import-not-at-top
-  timeout = int(cfg.get("heartbeat_timeout_seconds", 30))
   jax.distributed.initialize(
       coordinator_address=cfg.coordinator_address,
       num_processes=cfg.num_processes,
       process_id=cfg.process_id,
-      heartbeat_timeout_seconds=timeout + peers.JAX_HEARTBEAT_SLACK,
+      heartbeat_timeout_seconds=int(cfg.get("heartbeat_timeout_seconds", 30)),
   )
-  peers.watch(timeout, workdir)
 
 
 class DataParallel:

@@ -16,7 +16,7 @@ def run(config, workdir: str):
     raise ValueError(f"config.job={job!r}: expected one of {sorted(JOBS)}")
   runs.check_workdir(workdir)
   if "parallel" in config:
-    parallel.initialize_distributed(config.parallel, workdir)
+    parallel.initialize_distributed(config.parallel)
   os.makedirs(workdir, exist_ok=True)
   return JOBS[job](config, workdir)
 
