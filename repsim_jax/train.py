@@ -473,6 +473,12 @@ def validate(cfg) -> None:
                      "weights (a run dir or a weights file) or use full_ft")
   if cfg.train.num_steps <= 0 and cfg.train.num_epochs <= 0:
     raise ValueError("config.train.num_steps / num_epochs: one of them must be positive")
+  if (cfg.parallel.backend == "pmap" and cfg.method.name == "repsim"
+      and cfg.method.q_mode == "covariance" and jax.default_backend() == "cpu"):
+    # An XLA:CPU crash (segfault / heap corruption in the first step, 2 or 8 devices, any
+    # ResNet), not a wrong number: refused up front. shard_map runs the same step.
+    raise ValueError("config.parallel.backend='pmap' with config.method.q_mode='covariance' "
+                     "crashes XLA:CPU; use config.parallel.backend=shard_map (the default)")
   sharpness.check_config(cfg.analysis.sharpness, "config.analysis.sharpness")
   unused = methods_lib.unused_keys(cfg.method)
   if unused and jax.process_index() == 0:
