@@ -6,9 +6,6 @@ from typing import Any
 
 from repsim_jax.data.core import DatasetInfo
 
-SOURCES = ("medmnist", "image_folder", "tfds", "synthetic")
-
-
 def load_dataset(cfg) -> tuple[dict[str, Any], DatasetInfo]:
   """`_load` with its argument errors named as the config keys they come from: the loaders
   say `size: expected >= 8 pixels`, a user of the command line reads `config.data.size=4: ...`."""
@@ -48,32 +45,47 @@ def _load(cfg) -> tuple[dict[str, Any], DatasetInfo]:
   """
   c = _with_defaults(cfg)
   source = c["source"]
+  if source not in SOURCES:
+    raise ValueError(f"cfg.source: expected one of {tuple(SOURCES)}, got {source!r}")
   if source in ("medmnist", "tfds", "synthetic") and not c.get("name") and not (
       source == "tfds" and c["builder_dir"]):
     raise ValueError(f"name: the {source} source needs a data set name")
-  if source == "medmnist":
-    from repsim_jax.data.medmnist import load_medmnist  # pylint: disable=g-import-not-at-top
-    return load_medmnist(c["name"], int(c["size"]), c["data_dir"])
-  if source == "image_folder":
-    from repsim_jax.data.image_folder import load_image_folder  # pylint: disable=g-import-not-at-top
-    return load_image_folder(
-        c["root"], csv=c["csv"], image_size=int(c["image_size"] or 224),
-        channels=int(c["channels"] or 3), val_fraction=float(c["val_fraction"]),
-        test_fraction=float(c["test_fraction"]), split_seed=int(c["split_seed"]),
-        path_column=c["path_column"], label_column=c["label_column"],
-        split_column=c["split_column"], path_suffix=c["path_suffix"], task=c["task"] or None,
-        name=c.get("name") or None, classes=tuple(c["classes"] or ()))
-  if source == "tfds":
-    from repsim_jax.data.tfds_source import load_tfds  # pylint: disable=g-import-not-at-top
-    return load_tfds(
-        c.get("name", ""), data_dir=c["data_dir"] or None, builder_dir=c["builder_dir"],
-        splits=c["splits"] or None, image_key=c["image_key"], label_key=c["label_key"],
-        image_size=int(c["image_size"]) or None, task=c["task"] or None)
-  if source == "synthetic":
-    from repsim_jax.data.synthetic import load_synthetic  # pylint: disable=g-import-not-at-top
-    return load_synthetic(
-        kind=c["name"], num_classes=int(c["num_classes"]), train_size=int(c["train_size"]),
-        val_size=int(c["val_size"]), test_size=int(c["test_size"]), size=int(c["size"]),
-        difficulty=float(c["difficulty"]), imbalance=float(c["imbalance"]), seed=int(c["seed"]),
-        data_dir=c["data_dir"])
-  raise ValueError(f"cfg.source: expected one of {SOURCES}, got {source!r}")
+  return SOURCES[source](c)
+
+
+def _medmnist(c):
+  from repsim_jax.data.medmnist import load_medmnist  # pylint: disable=g-import-not-at-top
+  return load_medmnist(c["name"], int(c["size"]), c["data_dir"])
+
+
+def _image_folder(c):
+  from repsim_jax.data.image_folder import load_image_folder  # pylint: disable=g-import-not-at-top
+  return load_image_folder(
+      c["root"], csv=c["csv"], image_size=int(c["image_size"] or 224),
+      channels=int(c["channels"] or 3), val_fraction=float(c["val_fraction"]),
+      test_fraction=float(c["test_fraction"]), split_seed=int(c["split_seed"]),
+      path_column=c["path_column"], label_column=c["label_column"],
+      split_column=c["split_column"], path_suffix=c["path_suffix"], task=c["task"] or None,
+      name=c.get("name") or None, classes=tuple(c["classes"] or ()))
+
+
+def _tfds(c):
+  from repsim_jax.data.tfds_source import load_tfds  # pylint: disable=g-import-not-at-top
+  return load_tfds(
+      c.get("name", ""), data_dir=c["data_dir"] or None, builder_dir=c["builder_dir"],
+      splits=c["splits"] or None, image_key=c["image_key"], label_key=c["label_key"],
+      image_size=int(c["image_size"]) or None, task=c["task"] or None)
+
+
+def _synthetic(c):
+  from repsim_jax.data.synthetic import load_synthetic  # pylint: disable=g-import-not-at-top
+  return load_synthetic(
+      kind=c["name"], num_classes=int(c["num_classes"]), train_size=int(c["train_size"]),
+      val_size=int(c["val_size"]), test_size=int(c["test_size"]), size=int(c["size"]),
+      difficulty=float(c["difficulty"]), imbalance=float(c["imbalance"]), seed=int(c["seed"]),
+      data_dir=c["data_dir"])
+
+
+# config.data.source -> its loader; the keys are the valid names.
+SOURCES = {"medmnist": _medmnist, "image_folder": _image_folder, "tfds": _tfds,
+           "synthetic": _synthetic}

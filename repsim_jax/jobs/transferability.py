@@ -52,8 +52,6 @@ from repsim_jax.transferability import scores as scores_lib
 # The package re-exports the function `lp_fu`, which shadows the submodule as an attribute.
 from repsim_jax.transferability.lp_fu import fu_score, lp_score
 
-SCORES = ("logme", "leep", "nleep", "nce", "h_score", "regularized_h_score", "gbc", "transrate",
-          "lp", "fu")
 # Scores that read the source head's probabilities (skipped for a headless source).
 HEAD_SCORES = ("leep", "nce")
 # (early, first) conv parameter paths for FU, by model-name prefix.
@@ -288,27 +286,38 @@ def applicable_scores(names, cache: dict, task: str) -> tuple[list[str], dict[st
   return ok, skipped
 
 
+def _lp(f, y, cache, task, config):
+  lp = config.lp
+  return lp_score(f, y, n_components=lp.n_components, k=lp.k, pca_dim=lp.pca_dim or None,
+                  batch_size=lp.batch_size, steps=lp.steps, learning_rate=lp.learning_rate,
+                  seed=config.seed)
+
+
+# config.scores entry -> (features, labels, cache, task, config) -> value, with the library's
+# functions (so anyone can recompute a value from the cache). LEEP/NCE read the source head's
+# probabilities, FU was computed at extraction; the others take the features.
+SCORE_FNS = {
+    "logme": lambda f, y, cache, task, config: scores_lib.logme(f, y,
+                                                                multilabel=task == "multilabel"),
+    "leep": lambda f, y, cache, task, config: scores_lib.leep(cache["probs"], y),
+    "nleep": lambda f, y, cache, task, config: scores_lib.nleep(
+        f, y, seed=config.seed, covariance_type=config.nleep.covariance_type),
+    "nce": lambda f, y, cache, task, config: scores_lib.nce(np.argmax(cache["probs"], axis=1), y),
+    "h_score": lambda f, y, cache, task, config: scores_lib.h_score(f, y),
+    "regularized_h_score": lambda f, y, cache, task, config: scores_lib.regularized_h_score(f, y),
+    "gbc": lambda f, y, cache, task, config: scores_lib.gbc(f, y),
+    "transrate": lambda f, y, cache, task, config: scores_lib.transrate(f, y),
+    "lp": _lp,
+    "fu": lambda f, y, cache, task, config: float(cache["fu"]),
+}
+SCORES = tuple(SCORE_FNS)
+
+
 def compute_score(name: str, cache: dict, task: str, config) -> float:
-  """One score from cached arrays, with the library's functions (so anyone can recompute it)."""
-  f, y = cache["features"], cache["label"]
-  if name == "logme":
-    return scores_lib.logme(f, y, multilabel=task == "multilabel")
-  if name == "leep":
-    return scores_lib.leep(cache["probs"], y)
-  if name == "nce":
-    return scores_lib.nce(np.argmax(cache["probs"], axis=1), y)
-  if name == "nleep":
-    return scores_lib.nleep(f, y, seed=config.seed, covariance_type=config.nleep.covariance_type)
-  if name == "lp":
-    lp = config.lp
-    return lp_score(f, y, n_components=lp.n_components, k=lp.k, pca_dim=lp.pca_dim or None,
-                    batch_size=lp.batch_size, steps=lp.steps, learning_rate=lp.learning_rate,
-                    seed=config.seed)
-  if name == "fu":
-    return float(cache["fu"])
-  if name in ("h_score", "regularized_h_score", "gbc", "transrate"):
-    return getattr(scores_lib, name)(f, y)
-  raise ValueError(f"config.scores: unknown score {name!r}; expected some of {list(SCORES)}")
+  """One score from cached arrays (`SCORE_FNS`)."""
+  if name not in SCORE_FNS:
+    raise ValueError(f"config.scores: unknown score {name!r}; expected some of {list(SCORES)}")
+  return SCORE_FNS[name](cache["features"], cache["label"], cache, task, config)
 
 
 # ---------------------------------------------------------------------------------------------
