@@ -91,6 +91,7 @@ class Checkpointer:
       try:
         return (step, *self.restore(step, variables_template, train_template))
       except CorruptCheckpoint as e:
+        _quiet_abandoned_reads()
         moved = self._quarantine(step)
         print(f"warning: {e}; moved to {moved}, trying the one before", file=sys.stderr,
               flush=True)
@@ -106,6 +107,30 @@ class Checkpointer:
 
   def close(self) -> None:
     self.manager.close()
+
+
+_QUIETED = []
+
+
+def _quiet_abandoned_reads() -> None:
+  """A failed restore leaves orbax's other async reads of that step to end on a closed event
+  loop, each printing a traceback ('Event loop is closed', 'Task exception was never retrieved')
+  that says nothing the warning line does not. Those two messages, and only they, are dropped
+  from then on in this process."""
+  if _QUIETED:
+    return
+  _QUIETED.append(True)
+  import logging  # pylint: disable=g-import-not-at-top
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    if not (isinstance(unraisable.exc_value, RuntimeError)
+            and "Event loop is closed" in str(unraisable.exc_value)):
+      previous(unraisable)
+
+  sys.unraisablehook = hook
+  logging.getLogger("asyncio").addFilter(
+      lambda record: "exception was never retrieved" not in record.getMessage())
 
 
 def _reason(e: Exception) -> str:

@@ -155,3 +155,26 @@ def test_skip_nonfinite_steps_drops_the_update_and_counts_it(tmp_path, monkeypat
     np.testing.assert_array_equal(a, b)
   rows = [json.loads(l) for l in open(tmp_path / "skip" / "metrics.jsonl")]
   assert [r["skipped_steps"] for r in rows if r["split"] == "train"] == [0.0, 1.0]
+
+
+def test_command_line_says_one_line_about_a_corrupt_checkpoint(tmp_path):
+  """Through the command line (no pytest hooks catching them): orbax's abandoned async reads of
+  the unreadable step print no 'Event loop is closed' / 'Task exception' tracebacks."""
+  import subprocess
+  import sys
+  from _tiny import REPO
+  args = [sys.executable, "-m", "repsim_jax.main",
+          "--config=configs/finetune.py:model=small_cnn,source=synthetic,dataset=medical_gray,"
+          "size=16,steps=8,batch=16", f"--config.data.data_dir={tmp_path / 'data'}",
+          "--config.data.train_size=64", "--config.data.val_size=32", "--config.data.test_size=32",
+          "--config.data.num_classes=3", "--config.train.checkpoint_every=4",
+          "--config.train.tensorboard=False", f"--workdir={tmp_path / 'w'}"]
+  first = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert first.returncode == 0, first.stderr[-2000:]
+  os.remove(tmp_path / "w" / "results.json")
+  _truncate(_largest_file(str(tmp_path / "w" / "checkpoints" / "8" / "variables")))
+  out = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  lines = [l for l in out.stderr.splitlines() if l.strip() and not l.startswith("[finetune] step")]
+  assert len(lines) == 1 and lines[0].startswith("warning: checkpoint "), out.stderr[-3000:]
+  assert "resumed from" in out.stdout and "at step 4" in out.stdout
