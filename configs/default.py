@@ -3,8 +3,8 @@
   python -m repsim_jax.main --config=configs/default.py --workdir=runs/default
 
 About a minute on 2 CPU cores. `:key=val` args: pretrain_steps, finetune_steps, size, model, seed,
-lam. Devices and multi-host settings for every stage: `--config.parallel.*`; anything else per
-stage: `--config.pretrain.optim.lr=...`, `--config.finetune.train.batch_size=...`.
+lam. For every stage at once: `--config.parallel.*` (devices, multi-host) and
+`--config.data_dir`; anything else per stage: `--config.pretrain.optim.lr=...`, `--config.finetune.train.batch_size=...`.
 """
 
 import ml_collections
@@ -18,7 +18,10 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.job = "default"
   c.seed = a.seed
-  c.parallel = config_lib.parallel_config()  # every stage runs with these (the job copies them)
+  # Stage-wide settings, copied into every stage by the job: devices and hosts, and where the
+  # generated data sets are cached.
+  c.parallel = config_lib.parallel_config()
+  c.data_dir = ""  # "" = each stage's data.data_dir
 
   # Source domain: "natural" colour images, more classes.
   p = config_lib.train_config()

@@ -56,10 +56,11 @@ def test_pretrain(pretrained):
 def default_run(root):
   wd = root / "default"
   stage_keys = [k for s in ("pretrain.", "finetune.")
-                for k in overrides(f"data.data_dir={root / 'data'}", *TINY,
-                                   "analysis.max_examples=32", prefix=s)]
+                for k in overrides(*TINY, "analysis.max_examples=32", prefix=s)]
+  # Stage-wide keys once: where the data lives, and the devices.
   out = main("--config=configs/default.py:pretrain_steps=3,finetune_steps=3,size=16,model=small_cnn",
-             *stage_keys, f"--workdir={wd}")
+             f"--config.data_dir={root / 'data'}", "--config.parallel.num_devices=1", *stage_keys,
+             f"--workdir={wd}")
   return wd, out
 
 
@@ -67,6 +68,8 @@ def test_default_run(default_run):
   wd, out = default_run
   for stage in ("pretrain", "finetune_full_ft", "finetune_repsim"):
     assert json.load(open(wd / stage / "results.json"))["step"] == 3
+    cfg = json.load(open(wd / stage / "config.json"))
+    assert cfg["parallel"]["num_devices"] == 1 and cfg["data"]["data_dir"] == str(wd.parent / "data")
   assert "repsim" in out and "full_ft" in out
 
 

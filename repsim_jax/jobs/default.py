@@ -31,11 +31,13 @@ def stage(cfg, parent: str, name: str) -> tuple[str, dict]:
 
 
 def _with_parallel(stage_cfg, config):
-  """The stage's config with the job-wide `config.parallel` (one setting for every stage)."""
+  """The stage's config with the job-wide settings (`config.parallel`, `config.data_dir`)."""
   out = copy.deepcopy(stage_cfg)
-  if "parallel" in config:
-    with out.unlocked():
+  with out.unlocked():
+    if "parallel" in config:
       out.parallel = copy.deepcopy(config.parallel)
+    if config.get("data_dir"):
+      out.data.data_dir = config.data_dir
   return out
 
 

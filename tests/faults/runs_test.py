@@ -127,11 +127,11 @@ def _default_config(tmp_path, lam):
   c = config_lib.load_config(os.path.join(REPO, "configs", "default.py"),
                              f"pretrain_steps=2,finetune_steps=2,size=16,lam={lam}")
   for stage in (c.pretrain, c.finetune):
-    stage.data.data_dir = str(tmp_path / "data")
     stage.data.train_size, stage.data.val_size, stage.data.test_size = 128, 64, 64
     stage.train.tensorboard = False
     stage.analysis.max_examples = 64
   c.parallel.num_devices = 1  # once for every stage
+  c.data_dir = str(tmp_path / "data")
   return c
 
 
