@@ -87,11 +87,13 @@ class Checkpointer:
     with one warning line, so the run resumes from the one before and later saves of that step
     do not collide with it.
     """
-    for step in sorted(self.manager.all_steps(), reverse=True):
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    if steps:
+      _quiet_abandoned_reads()  # before: a failed read's siblings may end while it is raised
+    for step in steps:
       try:
         return (step, *self.restore(step, variables_template, train_template))
       except CorruptCheckpoint as e:
-        _quiet_abandoned_reads()
         moved = self._quarantine(step)
         print(f"warning: {e}; moved to {moved}, trying the one before", file=sys.stderr,
               flush=True)

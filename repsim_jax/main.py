@@ -4,6 +4,7 @@
 checkpoints) end the run with one line naming what was wrong, and a non-zero exit status.
 """
 
+import os
 import re
 import sys
 
@@ -48,6 +49,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   from repsim_jax import jobs  # After flag parsing: XLA_FLAGS set by the user apply.
+  par = None
   try:
     par = _CONFIG.value.get("parallel")  # (loads the config file: errors are caught below)
     if par is not None and par.get("coordinator_address") and par.get("num_processes", 1) > 1:
@@ -55,7 +57,17 @@ def main(argv):
       peers.supervise(par.get("process_id", 0), _WORKDIR.value,
                       int(par.get("heartbeat_timeout_seconds", 30)))
     jobs.run(_CONFIG.value, _WORKDIR.value)
-  except (ValueError, OSError, FloatingPointError, KeyError) as e:
+  except Exception as e:  # pylint: disable=broad-except
+    par = par or {}
+    if par.get("num_processes", 1) > 1 and ("Gloo" in str(e) or "closed by peer" in str(e)):
+      # A peer's connection closed under a collective: it died, and this process cannot go on.
+      from repsim_jax import peers  # pylint: disable=g-import-not-at-top
+      print(peers.message(par.get("process_id", 0), "another process of this multi-host run "
+                          "closed its connection (killed or preempted?)", _WORKDIR.value),
+            file=sys.stderr)
+      os._exit(1)  # not sys.exit: jax's shutdown would wait for the dead peer
+    if not isinstance(e, (ValueError, OSError, FloatingPointError, KeyError)):
+      raise
     # ml_collections reports a config file it could not load on first use, the cause last.
     _exit_with_error(e, cause=isinstance(e, OSError))
 
