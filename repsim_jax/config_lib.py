@@ -60,7 +60,7 @@ def load_config(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
   return module.get_config(arg)
 
 
-def _lookup(config, key: str):
+def lookup(config, key: str):
   """`config.<key>` for a dotted key."""
   for part in key.split("."):
     config = config[part]
@@ -69,21 +69,21 @@ def _lookup(config, key: str):
 
 def check_choice(config: ml_collections.ConfigDict, key: str, choices) -> None:
   """One-line error when `config.<key>` (dotted) is not one of `choices`."""
-  value = _lookup(config, key)
+  value = lookup(config, key)
   if value not in choices:
     raise ValueError(f"config.{key}={value!r}: expected one of {sorted(choices)}")
 
 
 def check_positive(config: ml_collections.ConfigDict, *keys: str) -> None:
   for key in keys:
-    value = _lookup(config, key)
+    value = lookup(config, key)
     if not value > 0:
       raise ValueError(f"config.{key}={value!r}: expected a positive number")
 
 
 def check_non_negative(config: ml_collections.ConfigDict, *keys: str) -> None:
   for key in keys:
-    value = _lookup(config, key)
+    value = lookup(config, key)
     if value < 0:
       raise ValueError(f"config.{key}={value!r}: expected 0 or a positive number")
 
@@ -165,8 +165,12 @@ def train_config() -> ml_collections.ConfigDict:
 
   c.method = method_config("full_ft")
 
+  # Pretraining objective (DESIGN §8): supervised (the task loss) | simclr | byol | dino.
+  c.objective = "supervised"
+  c.ssl = ssl_config()
+
   c.optim = ml_collections.ConfigDict()
-  c.optim.name = "momentum"       # sgd | momentum | adam | adamw
+  c.optim.name = "momentum"       # sgd | momentum | adam | adamw | lars
   c.optim.lr = 0.05
   c.optim.momentum = 0.9
   c.optim.nesterov = False
@@ -210,6 +214,33 @@ def train_config() -> ml_collections.ConfigDict:
 
   c.parallel = parallel_config()
   return c
+
+
+def ssl_config() -> ml_collections.ConfigDict:
+  """`config.ssl`: the SSL objectives' hyper-parameters (0 = the objective's published value)."""
+  s = ml_collections.ConfigDict()
+  s.temperature = 0.1            # SimCLR's NT-Xent temperature
+  s.hidden_dim = 0               # head hidden width: SimCLR 2048, BYOL 4096, DINO 2048
+  s.proj_dim = 0                 # projection: SimCLR 128, BYOL 256, DINO's bottleneck 256
+  s.out_dim = 65536              # DINO: prototypes (K)
+  s.momentum = 0.996             # BYOL / DINO: EMA momentum at step 0, cosine to 1
+  s.crop_scale = (0.08, 1.0)     # SimCLR / BYOL random resized crop area
+  s.blur = True                  # Gaussian blur with the objective's probabilities
+  s.color_strength = 1.0         # colour jitter amplitudes x this (DESIGN §8's at 1)
+  s.global_scale = (0.4, 1.0)    # DINO: global crops' area
+  s.local_scale = (0.05, 0.4)    # DINO: local crops' area
+  s.local_crops = 6              # DINO: M local crops
+  s.local_size = 0               # DINO: local crop side; 0 = 96/224 of the input size
+  s.student_temp = 0.1
+  s.teacher_temp = 0.04
+  s.warmup_teacher_temp = 0.04   # DINO: teacher temperature at step 0, linear to teacher_temp
+  s.teacher_temp_warmup_steps = 0
+  s.center_momentum = 0.9
+  s.knn_k = 20                   # the k-NN monitor (cosine, temperature-weighted votes)
+  s.knn_temperature = 0.07
+  s.knn_bank_split = "train"     # labelled examples that vote
+  s.knn_bank_size = 5000         # at most this many of them (the split's first)
+  return s
 
 
 def sharpness_config() -> ml_collections.ConfigDict:

@@ -25,7 +25,7 @@ import optax
 
 from repsim_jax import checkpoint as ckpt_lib, evaluation
 from repsim_jax import config_lib, data, metric_writers, models, parallel
-from repsim_jax import cpu, io, progress as progress_lib, runs, sharpness, similarity
+from repsim_jax import cpu, io, progress as progress_lib, runs, sharpness, similarity, ssl
 from repsim_jax import methods as methods_lib
 from repsim_jax.optim import optimizers
 
@@ -41,6 +41,8 @@ class TrainState:
   ref_variables: Any      # frozen pretrained variables ({} when the method needs none)
   nonfinite_step: jax.Array  # first step with a NaN/Inf loss, gradient, parameter or BN statistic; -1 if none
   skipped_steps: jax.Array   # steps whose update was skipped (config.train.skip_nonfinite_steps)
+  # SSL objectives: the EMA target / teacher, DINO's centre, the heads' BatchNorm statistics.
+  objective_state: Any = dataclasses.field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,26 +111,11 @@ def make_train_step(model, method: methods_lib.Method, tx, task: str, log_every:
 
     grads, (task_loss, reg_metrics, logits, new_stats, reps) = method.gradients(
         jax.grad(loss_fn, has_aux=True), state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    new_stats = parallel.pmean(new_stats)  # already equal with synced BN; keeps replicas exact
     loss = jax.lax.pmean(task_loss, AXIS)
-    grad_norm = optax.tree.norm(grads)
-    finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite(params)
-              & _all_finite(new_stats))
-    nonfinite, skipped = state.nonfinite_step, state.skipped_steps
-    if skip_nonfinite:
-      keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-      params, new_stats = keep(params, state.params), keep(new_stats, state.batch_stats)
-      opt_state = keep(opt_state, state.opt_state)
-      skipped = skipped + (~finite).astype(skipped.dtype)
-    else:
-      nonfinite = jnp.where((nonfinite < 0) & ~finite, state.step, nonfinite)
+    new_state, finite_metrics = _apply_update(state, tx, grads, loss, new_stats, skip_nonfinite)
     metrics = {"loss": loss,
                "accuracy": jax.lax.pmean(jnp.mean(_correct(logits, labels, task)), AXIS),
-               "grad_norm": grad_norm}
-    if skip_nonfinite:
-      metrics["skipped_steps"] = skipped.astype(jnp.float32)
+               **finite_metrics}
     metrics.update(parallel.pmean(reg_metrics))
 
     def diagnostics():
@@ -139,9 +126,72 @@ def make_train_step(model, method: methods_lib.Method, tx, task: str, log_every:
       return out
 
     metrics.update(_only_if(logged(state.step + 1), diagnostics))
-    new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
-                              opt_state=opt_state, nonfinite_step=nonfinite, skipped_steps=skipped)
     return new_state, metrics
+
+  return train_step
+
+
+def _apply_update(state: TrainState, tx, grads, loss, new_stats, skip_nonfinite: bool,
+                  objective_fn=None):
+  """The optimiser step and the finiteness check shared by the supervised and SSL steps:
+  (new state, metrics). `objective_fn(params) -> objective_state` runs on the new parameters
+  (the EMA target follows the updated online network)."""
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  new_stats = parallel.pmean(new_stats)  # already equal with synced BN; keeps replicas exact
+  objective_state = objective_fn(params) if objective_fn else state.objective_state
+  grad_norm = optax.tree.norm(grads)
+  finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite(params)
+            & _all_finite(new_stats) & _all_finite(objective_state))
+  nonfinite, skipped = state.nonfinite_step, state.skipped_steps
+  metrics = {"grad_norm": grad_norm}
+  if skip_nonfinite:
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+    params, new_stats = keep(params, state.params), keep(new_stats, state.batch_stats)
+    opt_state = keep(opt_state, state.opt_state)
+    objective_state = keep(objective_state, state.objective_state)
+    skipped = skipped + (~finite).astype(skipped.dtype)
+    metrics["skipped_steps"] = skipped.astype(jnp.float32)
+  else:
+    nonfinite = jnp.where((nonfinite < 0) & ~finite, state.step, nonfinite)
+  return state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
+                       opt_state=opt_state, nonfinite_step=nonfinite, skipped_steps=skipped,
+                       objective_state=objective_state), metrics
+
+
+def make_ssl_train_step(model, objective, tx, mean, std, skip_nonfinite: bool = False):
+  """Per-device `train_step(state, batch, rng) -> (state, metrics)` of an SSL objective.
+
+  `batch["image"]` holds undecorated pixels in [0, 1]: the objective's views are made here,
+  vmapped over the batch and keyed by (rng, step, global position), then normalised by
+  `mean`/`std`. Gradients are `pmean`-ed as in the supervised step; the loss itself is the
+  global batch's where the objective gathers (SimCLR's negatives).
+  """
+  specs = objective.view_specs()
+
+  def train_step(state: TrainState, batch, rng):
+    images = batch["image"]
+    channels = images.shape[-1]
+    m = jnp.asarray(data.pipeline.channel_vector(mean, channels, "config.data.mean"))
+    s = jnp.asarray(data.pipeline.channel_vector(std, channels, "config.data.std"))
+    offset = jax.lax.axis_index(AXIS) * images.shape[0]
+    views = ssl.augment.make_views(jax.random.fold_in(rng, state.step), images, specs, offset)
+    views = [(v - m) / s for v in views]
+
+    def loss_fn(params):
+      return objective.loss(model, params, state.batch_stats, state.objective_state, views,
+                            state.step)
+
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grads = parallel.pmean(grads)
+    aux = {**aux, "head_stats": parallel.pmean(aux["head_stats"])}
+    if "target_stats" in aux:
+      aux["target_stats"] = parallel.pmean(aux["target_stats"])
+    loss = jax.lax.pmean(loss, AXIS)
+    new_state, metrics = _apply_update(
+        state, tx, grads, loss, aux["model_stats"], skip_nonfinite,
+        lambda params: objective.update_state(state.objective_state, params, aux, state.step))
+    return new_state, {"loss": loss, **metrics, **parallel.pmean(aux["metrics"])}
 
   return train_step
 
@@ -250,10 +300,15 @@ class _Run:
                         "config.train.eval_batch_size")
     self.splits, self.info = splits, info = data.load_dataset(cfg.data)
     check_splits(cfg, splits)
-    num_classes = cfg.model.num_classes or info.num_classes
+    self.num_steps = num_train_steps(cfg, len(splits["train"]))
+    # SSL trains the backbone alone (no classifier: its features are what the heads see).
+    num_classes = (cfg.model.num_classes or info.num_classes) if cfg.objective == "supervised" else 0
     self.model = model = models.get_model(cfg.model.name, num_classes,
                                           dtype=jnp.dtype(cfg.model.dtype), bn_axis_name=AXIS,
                                           **dict(cfg.model.kwargs))
+    self.objective = objective = ssl.get_objective(
+        cfg.objective, cfg.ssl, data.input_shape(cfg, info)[0], self.num_steps,
+        multiple=getattr(model, "patch_size", 1))
     rng = jax.random.PRNGKey(cfg.seed)
     init_rng, method_rng, self.step_rng = jax.random.split(rng, 3)
     variables = init_model_variables(model, cfg, data.input_shape(cfg, info), init_rng)
@@ -263,14 +318,22 @@ class _Run:
     self.init_variables = variables
 
     self.method = method = methods_lib.get_method(cfg.method)
-    self.num_steps = num_train_steps(cfg, len(splits["train"]))
-    self.train_iter, self.eval_iter_fn = data.make_iters(cfg, splits, info, seed=cfg.seed)
+    # SSL: the host only decodes and batches ([0, 1] pixels); the step makes the views.
+    self.train_iter, self.eval_iter_fn = data.make_iters(cfg, splits, info, seed=cfg.seed,
+                                                         raw_train=objective is not None)
     # Method parameters are initialised from a few batches of a separate iterator, so the
     # training stream (and hence resumption) is the same with or without them.
     init_iter = data.make_iters(cfg, splits, info, seed=cfg.seed + 1)[0]
     init_batches = [next(init_iter) for _ in range(cfg.method.get("init_batches", 1))]
     method_params = method.init_params(method_rng, variables, init_batches, model.apply)
     params = {"model": variables["params"], "method": method_params}
+    objective_state = {}
+    if objective:
+      dummy = jnp.zeros((1,) + data.input_shape(cfg, info), jnp.float32)
+      feature_dim = jax.eval_shape(lambda v: model.apply(v, dummy, train=False),
+                                   variables)[1]["pre_logits"].shape[-1]
+      params["ssl"], objective_state = objective.init(jax.random.fold_in(method_rng, 1),
+                                                      variables, feature_dim)
     self.schedule = optimizers.learning_rate_schedule(cfg.optim, self.num_steps)
     self.tx = method.optimizer(
         lambda offset=0: optimizers.make_optimizer(cfg.optim, self.num_steps - offset, params)[0],
@@ -282,7 +345,8 @@ class _Run:
         opt_state=jax.tree.map(np.asarray, self.tx.init(params)),
         ref_variables=({"params": variables["params"], "batch_stats": variables["batch_stats"]}
                        if keep_ref else {}),
-        nonfinite_step=np.asarray(-1, np.int32), skipped_steps=np.asarray(0, np.int32))
+        nonfinite_step=np.asarray(-1, np.int32), skipped_steps=np.asarray(0, np.int32),
+        objective_state=objective_state)
     # Carried across segments of a resumed run, so its results equal an uninterrupted one's.
     self.history, self.train_seconds, self.metrics_rows = [], 0.0, 0
     self.ckpt = ckpt_lib.Checkpointer(workdir, keep=cfg.train.keep_checkpoints)
@@ -337,11 +401,18 @@ class _Run:
     start = self._resume()
     writer = metric_writers.MetricWriter(self.workdir, tensorboard=cfg.train.tensorboard,
                                          resume_step=start, keep_rows=self.metrics_rows)
-    p_train = dp.compile(make_train_step(self.model, self.method, self.tx, info.task,
-                                         cfg.train.log_every, num_steps,
-                                         cfg.analysis.in_step_similarity,
-                                         cfg.train.skip_nonfinite_steps))
+    if self.objective:
+      p_train = dp.compile(make_ssl_train_step(self.model, self.objective, self.tx,
+                                               tuple(cfg.data.mean), tuple(cfg.data.std),
+                                               cfg.train.skip_nonfinite_steps))
+    else:
+      p_train = dp.compile(make_train_step(self.model, self.method, self.tx, info.task,
+                                           cfg.train.log_every, num_steps,
+                                           cfg.analysis.in_step_similarity,
+                                           cfg.train.skip_nonfinite_steps))
     p_eval = dp.compile(evaluation.make_step(self.model), donate_state=False, sharded_out=True)
+    p_features = dp.compile(evaluation.make_step(self.model, ("pre_logits",)),
+                            donate_state=False, sharded_out=True)
     state = dp.put_replicated(self.state)
     rng_dev = dp.put_replicated(np.asarray(self.step_rng))
     progress = progress_lib.Training(num_steps, cfg.train.batch_size, start,
@@ -361,12 +432,26 @@ class _Run:
       writer.write(step, "sharpness", m)
       return m
 
+    def knn_monitor(variables, split):
+      # SSL runs: k-NN accuracy of the backbone's features, the labelled bank split voting.
+      feats = lambda s, cap: evaluation.run(  # noqa: E731
+          dp, p_features, variables, self.eval_iter_fn(s), max_examples=cap,
+          desc=f"{progress.name}k-NN {s}")
+      bank, query = feats(cfg.ssl.knn_bank_split, cfg.ssl.knn_bank_size), feats(split, 0)
+      acc = ssl.knn.knn_accuracy(bank["pre_logits"], bank["label"], query["pre_logits"],
+                                 query["label"], info.num_classes, cfg.ssl.knn_k,
+                                 cfg.ssl.knn_temperature, info.task == "multilabel")
+      return {"knn_accuracy": acc, "num_examples": int(query["label"].shape[0])}
+
     def run_eval(state, step):
       row = {}
       variables = {"params": state.params["model"], "batch_stats": state.batch_stats}
       for split in cfg.train.eval_splits:
-        m = evaluation.evaluate(dp, p_eval, variables, self.eval_iter_fn(split), info.task,
-                                desc=f"{progress.name}eval {split}")
+        if self.objective:
+          m = knn_monitor(variables, split)
+        else:
+          m = evaluation.evaluate(dp, p_eval, variables, self.eval_iter_fn(split), info.task,
+                                  desc=f"{progress.name}eval {split}")
         writer.write(step, split, m)
         row[split] = m
       self.history.append({"step": step, **row})
@@ -386,7 +471,8 @@ class _Run:
         self._check_finite(state, step)
         m["lr"] = float(self.schedule(step - 1))
         writer.write(step, "train", m)
-        progress.print(step, {"loss": m["loss"], "acc": m["accuracy"]})
+        progress.print(step, {"loss": m["loss"],
+                              **({"acc": m["accuracy"]} if "accuracy" in m else {})})
       if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != num_steps:
         run_eval(state, step)
       if probe and step % cfg.analysis.sharpness_every == 0 and step != num_steps:
@@ -412,7 +498,8 @@ class _Run:
       writer.write(num_steps, "similarity", {f"{m}/{k}": v for m, d in sim.items()
                                             for k, v in d.items()})
     writer.close()
-    results = {"step": num_steps, "model": cfg.model.name, "method": cfg.method.name,
+    results = {"step": num_steps, "model": cfg.model.name, "objective": cfg.objective,
+               "method": cfg.method.name,
                "task": info.task, "dataset": info.name, "identity": runs.identity(cfg),
                "train_seconds": elapsed(), "skipped_steps": int(host_state.skipped_steps),
                "final": final, "best_val": _best_by_val(self.history), "similarity": sim}
@@ -436,22 +523,29 @@ def _best_by_val(history):
   rows = [h for h in history if "val" in h]
   if not rows:
     return {}
-  best = min(rows, key=lambda h: h["val"]["loss"])
+  # SSL runs have no val loss: their best is the highest k-NN accuracy.
+  best = min(rows, key=lambda h: h["val"].get("loss", -h["val"].get("knn_accuracy", 0.0)))
   return {"step": best["step"], **{s: best[s] for s in best if s != "step"}}
 
 
 def _train_item(state) -> dict:
-  return {"step": state.step, "method": state.params["method"], "opt_state": state.opt_state,
+  item = {"step": state.step, "method": state.params["method"], "opt_state": state.opt_state,
           "ref_variables": state.ref_variables, "nonfinite_step": state.nonfinite_step,
           "skipped_steps": state.skipped_steps}
+  if "ssl" in state.params:  # SSL runs only, so supervised checkpoints keep their layout
+    item["ssl"] = {"heads": state.params["ssl"], "state": state.objective_state}
+  return item
 
 
 def _from_items(variables, train) -> TrainState:
-  return TrainState(step=train["step"], params={"model": variables["params"],
-                                                "method": train["method"]},
+  params = {"model": variables["params"], "method": train["method"]}
+  if "ssl" in train:
+    params["ssl"] = train["ssl"]["heads"]
+  return TrainState(step=train["step"], params=params,
                     batch_stats=variables.get("batch_stats", {}), opt_state=train["opt_state"],
                     ref_variables=train["ref_variables"], nonfinite_step=train["nonfinite_step"],
-                    skipped_steps=train["skipped_steps"])
+                    skipped_steps=train["skipped_steps"],
+                    objective_state=train["ssl"]["state"] if "ssl" in train else {})
 
 
 def validate(cfg) -> None:
@@ -459,6 +553,17 @@ def validate(cfg) -> None:
   config_lib.check_choice(cfg, "optim.name", optimizers.OPTIMIZERS)
   config_lib.check_choice(cfg, "optim.schedule", optimizers.SCHEDULES)
   config_lib.check_choice(cfg, "method.name", methods_lib.METHODS)
+  config_lib.check_choice(cfg, "objective", ssl.NAMES)
+  if cfg.objective != "supervised":
+    for key, plain in (("method.name", "full_ft"), ("analysis.sharpness_every", 0),
+                       ("analysis.in_step_similarity", False)):
+      if config_lib.lookup(cfg, key) != plain:
+        raise ValueError(f"config.{key}={config_lib.lookup(cfg, key)!r}: SSL pretraining "
+                         f"(config.objective={cfg.objective!r}) needs {plain!r}; fine-tuning "
+                         "methods and task-loss analyses apply to supervised runs")
+    config_lib.check_positive(cfg, "ssl.knn_k", "ssl.knn_temperature")
+    if cfg.objective == "dino" and cfg.ssl.local_crops < 0:
+      raise ValueError(f"config.ssl.local_crops={cfg.ssl.local_crops}: expected 0 or more")
   config_lib.check_choice(cfg, "model.name", models.MODEL_NAMES)
   config_lib.check_choice(cfg, "model.dtype", ("float32", "bfloat16"))
   config_lib.check_positive(cfg, "train.batch_size", "train.log_every", "optim.lr",

@@ -326,3 +326,106 @@ def test_pth_state_dict_with_torch(tmp_path, small_resnet_state):
   path = tmp_path / "resnet.pth"
   torch.save({"state_dict": {k: torch.from_numpy(v) for k, v in state.items()}}, str(path))
   _assert_same_tree(convert.load_torchvision_resnet(path, arch="resnet_small"), variables)
+
+
+# ---------------------------------------------------------------------------------------------
+# Self-supervised releases: DINOv2 ViTs and the prefixes SSL checkpoints put on the backbone.
+
+DINOV2 = "timm_vit_small_patch14_reg4_dinov2_depth2"
+
+
+@pytest.mark.parametrize("suffix,size", [("", 98), ("_hr", 126)])
+def test_dinov2_reproduces_timm_at_native_and_resampled_sizes(shared_dir, suffix, size):
+  """Registers, LayerScale, patch-only position embeddings; at 126 px the 7x7 grid is resampled
+  to 9x9 as timm's dynamic_img_size does (bicubic, antialiased)."""
+  path, io = _fixture(DINOV2)
+  variables = convert.load_timm_vit(path, arch="vit_s14_reg4_dinov2", depth=2)
+  model = get_model("vit_s14_reg4_dinov2", 10, depth=2, image_size=98,
+                    precision=jax.lax.Precision.HIGHEST)
+  x = jnp.asarray(io["input" + suffix].transpose(0, 2, 3, 1))
+  assert x.shape[1] == size
+  logits, reps = _jitted_apply(model)(variables, x)
+  assert np.abs(np.asarray(logits) - io["logits" + suffix]).max() <= 1e-4
+  assert np.abs(np.asarray(reps["pre_logits"]) - io["pre_logits" + suffix]).max() <= 1e-4
+
+
+def test_dinov2_official_layout_and_wrong_arch(shared_dir, tmp_path):
+  """facebookresearch/dinov2 files (register_tokens, mask_token, a class position row) load
+  into the same model as timm's conversion of them."""
+  path, _ = _fixture(DINOV2)
+  from safetensors.numpy import load_file
+  timm_state = load_file(str(path))
+  row = np.random.default_rng(0).normal(size=(1, 1, 384)).astype(np.float32)
+  official = {k: v for k, v in timm_state.items() if k not in ("reg_token", "cls_token",
+                                                               "pos_embed")}
+  official.update(register_tokens=timm_state["reg_token"], mask_token=np.zeros((1, 384), np.float32),
+                  cls_token=timm_state["cls_token"] - row,
+                  pos_embed=np.concatenate([row, timm_state["pos_embed"]], axis=1))
+  save_file(official, str(tmp_path / "dinov2_official.safetensors"))
+  got = convert.load_timm_vit(tmp_path / "dinov2_official.safetensors",
+                              arch="vit_s14_reg4_dinov2", depth=2)
+  ref = convert.load_timm_vit(path, arch="vit_s14_reg4_dinov2", depth=2)
+  fa, fb = (traverse_util.flatten_dict(t) for t in (got, ref))
+  assert fa.keys() == fb.keys()
+  for k in fa:
+    np.testing.assert_allclose(fa[k], fb[k], atol=1e-6, err_msg=str(k))
+  with pytest.raises(ValueError, match=r"num_registers=4 but arch 'vit_s16' has 0.*vit_s14_reg4"):
+    convert.load_timm_vit(path, arch="vit_s16", depth=2)
+
+
+def _prefixed(state, prefix):
+  return {prefix + k: v for k, v in state.items()}
+
+
+def test_moco_checkpoints_keep_the_query_encoder_and_drop_heads(tmp_path):
+  state = dict(np.load(os.path.join(OURS, "resnet_small_torchvision.npz")))
+  backbone = {k: v for k, v in state.items() if not k.startswith("fc.")}
+  save_file(backbone, str(tmp_path / "plain.safetensors"))
+  ref = convert.load_torchvision_resnet(tmp_path / "plain.safetensors", arch="resnet_small")
+  mlp = {"fc.0.weight": np.ones((32, 128), np.float32), "fc.0.bias": np.ones(32, np.float32),
+         "fc.2.weight": np.ones((16, 32), np.float32), "fc.2.bias": np.ones(16, np.float32)}
+  shifted = {k: np.asarray(v + 1) for k, v in backbone.items()}
+  layouts = {  # MoCo v1/v2: query + key encoders, the queue; MoCo v3: base + momentum + predictor
+      "moco_v2": {**_prefixed({**backbone, **mlp}, "module.encoder_q."),
+                  **_prefixed({**shifted, **mlp}, "module.encoder_k."),
+                  "module.queue": np.zeros((16, 8), np.float32),
+                  "module.queue_ptr": np.zeros(1, np.int64)},
+      "moco_v3": {**_prefixed({**backbone, **mlp}, "module.base_encoder."),
+                  **_prefixed({**shifted, **mlp}, "module.momentum_encoder."),
+                  **_prefixed(mlp, "module.predictor.")},
+      "dino_backbone": {**_prefixed(backbone, "backbone."),
+                        "head.mlp.0.weight": np.ones((8, 128), np.float32)},
+  }
+  for name, layout in layouts.items():
+    save_file(layout, str(tmp_path / f"{name}.safetensors"))
+    got = convert.load_torchvision_resnet(tmp_path / f"{name}.safetensors", arch="resnet_small")
+    assert "head" not in got["params"], name
+    _assert_same_tree(got, ref)
+
+
+def test_dino_training_checkpoint_reads_the_teacher(tmp_path):
+  """dino_resnet_small.pth (torch.save): {"student": DDP keys, "teacher": ...}, teacher =
+  the fixture's weights, student = teacher + 1."""
+  state = dict(np.load(os.path.join(OURS, "resnet_small_torchvision.npz")))
+  save_file({k: v for k, v in state.items() if not k.startswith("fc.")},
+            str(tmp_path / "plain.safetensors"))
+  ref = convert.load_torchvision_resnet(tmp_path / "plain.safetensors", arch="resnet_small")
+  got = convert.load_torchvision_resnet(os.path.join(OURS, "dino_resnet_small.pth"),
+                                        arch="resnet_small")
+  _assert_same_tree(got, ref)
+
+
+def test_dino_vit_with_backbone_prefix_and_head(shared_dir, tmp_path):
+  path, io = _fixture("timm_vit_tiny_patch16_224")
+  from safetensors.numpy import load_file
+  timm_state = load_file(str(path))
+  body = {k: v for k, v in timm_state.items() if not k.startswith("head.")}
+  save_file({**_prefixed(body, "backbone."),
+             "head.mlp.0.weight": np.ones((8, 192), np.float32),
+             "head.last_layer.weight_v": np.ones((16, 8), np.float32)},
+            str(tmp_path / "dino_vit.safetensors"))
+  got = convert.load_timm_vit(tmp_path / "dino_vit.safetensors", arch="vit_ti16")
+  assert "head" not in got["params"]
+  model = get_model("vit_ti16", 0, precision=jax.lax.Precision.HIGHEST)
+  _, reps = _jitted_apply(model)(got, jnp.asarray(io["input"].transpose(0, 2, 3, 1)))
+  assert np.abs(np.asarray(reps["pre_logits"]) - io["pre_logits"]).max() <= 1e-4

@@ -59,7 +59,8 @@ def _count(tree):
 
 def test_registry_names_and_errors():
   assert set(MODEL_NAMES) == {"resnet18", "resnet50", "resnet_small", "vit_ti16", "vit_s16",
-                              "vit_b16", "small_cnn"}
+                              "vit_b16", "small_cnn", *(f"vit_{s}14{r}_dinov2" for s in "sbl"
+                                                        for r in ("", "_reg4"))}
   with pytest.raises(ValueError, match="name") as e:
     get_model("resnet1000", 10)
   for n in MODEL_NAMES:
@@ -91,19 +92,22 @@ def _expected_reps(name, n, s):
     out["pre_logits"] = (n, width * 8 * exp)
     return out
   if name.startswith("vit"):
-    d = {"vit_ti16": 192, "vit_s16": 384, "vit_b16": 768}[name]
-    t = (s // 16) ** 2 + 1
-    return {**{f"block{i}": (n, t, d) for i in range(12)}, "pre_logits": (n, d)}
+    d = {"ti": 192, "s": 384, "b": 768, "l": 1024}[name.split("_")[1][:-2]]
+    patch, regs = int(name.split("_")[1][-2:]), 4 if "reg4" in name else 0
+    t = (s // patch) ** 2 + 1 + regs
+    depth = 24 if d == 1024 else 12
+    return {**{f"block{i}": (n, t, d) for i in range(depth)}, "pre_logits": (n, d)}
   return {"block1": (n, s // 2, s // 2, 16), "block2": (n, s // 4, s // 4, 32),
           "block3": (n, s // 8, s // 8, 64), "pre_logits": (n, 64)}
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_reps_keys_order_and_shapes(name):
-  kw = {"image_size": 32} if name.startswith("vit") else {}
+  size = 28 if "14" in name else 32  # a multiple of the patch
+  kw = {"image_size": size} if name.startswith("vit") else {}
   model = get_model(name, 7, **kw)
-  variables, (logits, reps) = _shapes(model, (3, 32, 32, 3))
-  expected = _expected_reps(name, 3, 32)
+  variables, (logits, reps) = _shapes(model, (3, size, size, 3))
+  expected = _expected_reps(name, 3, size)
   # Order survives jit (shallow to deep, pre_logits last).
   assert list(reps) == list(expected)
   assert {k: tuple(v.shape) for k, v in reps.items()} == expected
@@ -292,5 +296,24 @@ def test_vit_matches_numpy_reference():
   ref_logits, ref_cls = _np_vit(params, x.astype(np.float64), _TINY_VIT)
   np.testing.assert_allclose(reps["pre_logits"], ref_cls, atol=1e-4)
   np.testing.assert_allclose(logits, ref_logits, atol=1e-4)
-  with pytest.raises(ValueError, match="x: expected"):
-    model.apply({"params": params}, np.zeros((1, 64, 64, 3), np.float32))
+  with pytest.raises(ValueError, match="x: expected .* multiples of the patch size"):
+    model.apply({"params": params}, np.zeros((1, 36, 36, 3), np.float32))
+  # Another multiple of the patch resamples the position embeddings: the same grid does not.
+  same = _apply(model, {"params": params}, np.asarray(x))[0]
+  np.testing.assert_array_equal(same, logits)
+  assert _apply(model, {"params": params}, np.zeros((1, 64, 64, 3), np.float32))[0].shape == (1, 5)
+
+
+def test_position_resampling_weights_match_pytorch_antialiased_bicubic():
+  from repsim_jax.models import vit
+  # Upsampling by 2 (torch: F.interpolate(torch.arange(4.)[None, None], 8, mode="bicubic",
+  # antialias=True)): rows sum to one, the taps mirror around each output's centre.
+  m = vit.resize_matrix(4, 8)
+  np.testing.assert_allclose(m.sum(1), 1.0, rtol=1e-6)
+  np.testing.assert_allclose(m[::-1, ::-1], m, atol=1e-7)
+  # Same size: the identity; a linear ramp stays linear away from the borders (cubic kernels
+  # reproduce linear functions).
+  np.testing.assert_allclose(vit.resize_matrix(5, 5), np.eye(5), atol=1e-7)
+  ramp = vit.resize_matrix(6, 9) @ np.arange(6.0)
+  centres = (np.arange(9) + 0.5) * 6 / 9 - 0.5
+  np.testing.assert_allclose(ramp[2:-2], centres[2:-2], atol=1e-5)

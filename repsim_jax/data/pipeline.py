@@ -135,7 +135,7 @@ def augment_batch(x: np.ndarray, u: np.ndarray, augment: str) -> np.ndarray:
 # ----------------------------------------------------------------------------- batch function
 
 
-def _as_channel_vector(value, channels: int, name: str) -> np.ndarray:
+def channel_vector(value, channels: int, name: str) -> np.ndarray:
   v = np.asarray(value, np.float32).reshape(-1)
   if v.size == 1:
     v = np.repeat(v, channels)
@@ -164,10 +164,10 @@ class _BatchFn:
       raise ValueError(f"image_size: expected a positive int, got {image_size}")
     if train and n == 0:
       raise ValueError("source: expected a non-empty split for training")
-    std = _as_channel_vector(std, channels, "std")
+    std = channel_vector(std, channels, "std")
     if np.any(std <= 0):
       raise ValueError(f"std: expected positive values, got {std}")
-    mean = _as_channel_vector(mean, channels, "mean")
+    mean = channel_vector(mean, channels, "mean")
     self.source = source
     self.n = n
     self.global_batch_size = int(global_batch_size)

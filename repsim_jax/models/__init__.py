@@ -25,6 +25,13 @@ _REGISTRY: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
     "vit_ti16": (ViT, dict(patch_size=16, width=192, depth=12, heads=3, mlp_dim=768)),
     "vit_s16": (ViT, dict(patch_size=16, width=384, depth=12, heads=6, mlp_dim=1536)),
     "vit_b16": (ViT, dict(patch_size=16, width=768, depth=12, heads=12, mlp_dim=3072)),
+    # DINOv2 (facebookresearch/dinov2 and timm's `vit_*_patch14[_reg4]_dinov2`), native 518 px.
+    **{f"vit_{size}14{reg}_dinov2": (ViT, dict(patch_size=14, image_size=518, width=w, depth=d,
+                                               heads=h, mlp_dim=4 * w, layer_scale=True,
+                                               num_registers=4 if reg else 0,
+                                               class_pos_embed=not reg))
+       for size, w, d, h in (("s", 384, 12, 6), ("b", 768, 12, 12), ("l", 1024, 24, 16))
+       for reg in ("", "_reg4")},
     "small_cnn": (SmallCNN, dict()),
 }
 MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)

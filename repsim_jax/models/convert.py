@@ -25,13 +25,22 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from repsim_jax.models import get_model
+from repsim_jax.models import MODEL_NAMES, get_model
 
 Array = np.ndarray
 # A source spec: the source key(s) of one Flax leaf and how to combine them into its value.
 _Spec = tuple[tuple[str, ...], Callable[..., Array]]
 
 _IGNORED_SUFFIXES = ("num_batches_tracked",)  # torch BatchNorm step counters
+# Objects training scripts save around the weights, unwrapped in this order (DINO saves both
+# networks; its releases and evaluations use the teacher).
+_WRAPPERS = ("state_dict", "model", "teacher", "student", "module")
+# Where the backbone lives in self-supervised checkpoints: MoCo v1/v2 (`encoder_q`, beside the
+# key encoder and the queue), MoCo v3 (`base_encoder`, beside the momentum encoder and the
+# predictor), DINO (`backbone`, beside its head). Keys outside the first prefix present belong
+# to those other networks and are dropped.
+_BACKBONE_PREFIXES = ("module.encoder_q.", "encoder_q.", "module.base_encoder.", "base_encoder.",
+                      "module.backbone.", "backbone.")
 
 
 def _read_state_dict(path: str | os.PathLike) -> dict[str, Array]:
@@ -49,7 +58,7 @@ def _read_state_dict(path: str | os.PathLike) -> dict[str, Array]:
                        f"safetensors: {str(e).splitlines()[0][:120]})") from None
   elif suffix in (".pth", ".pt", ".bin"):
     obj = _read_torch(p)
-    for wrapper in ("state_dict", "model", "module"):
+    for wrapper in _WRAPPERS:
       if isinstance(obj, Mapping) and wrapper in obj and isinstance(obj[wrapper], Mapping):
         obj = obj[wrapper]
     if not isinstance(obj, Mapping):
@@ -61,7 +70,25 @@ def _read_state_dict(path: str | os.PathLike) -> dict[str, Array]:
   # DataParallel / DDP checkpoints prefix every key with 'module.'.
   if state and all(k.startswith("module.") for k in state):
     state = {k[len("module."):]: v for k, v in state.items()}
+  state = ssl_backbone(state)
   _check_values(p.name, state)
+  return state
+
+
+def ssl_backbone(state: Mapping[str, Array]) -> dict[str, Array]:
+  """The backbone of a self-supervised checkpoint's state dict, in the plain layout: the keys
+  under the first of `_BACKBONE_PREFIXES` present (prefix removed), and without a projection
+  head (`fc.*` / `head.*` keys other than a linear classifier's weight and bias). A plain state
+  dict comes back unchanged."""
+  state = dict(state)
+  for prefix in _BACKBONE_PREFIXES:
+    if any(k.startswith(prefix) for k in state):
+      state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+      break
+  linear = {"fc.weight", "fc.bias", "head.weight", "head.bias"}
+  heads = [k for k in state if k.startswith(("fc.", "head.")) and k not in linear]
+  if heads:  # an MLP projection head (MoCo v2/v3): drop it, and any linear layer beside it
+    state = {k: v for k, v in state.items() if not k.startswith(("fc.", "head."))}
   return state
 
 
@@ -201,21 +228,44 @@ def _timm_vit_key(path: tuple[str, ...]) -> _Spec:
   if mods == ["patch_embed"]:
     mods = ["patch_embed", "proj"]
   parts = [re.sub(r"^blocks_(\d+)$", r"blocks.\1", m) for m in mods]
-  if leaf in ("cls_token", "pos_embed"):
+  if leaf in ("cls_token", "reg_token", "pos_embed", "gamma"):
     torch_leaf = leaf
   else:
     torch_leaf = {"kernel": "weight", "scale": "weight", "bias": "bias"}[leaf]
   return ((".".join(parts + [torch_leaf]),), _torch_leaf if leaf == "kernel" else (lambda w: w))
 
 
-def _vit_geometry(name: str, patch_size: int, num_pos: int, model_kwargs) -> dict[str, Any]:
-  """Infers image_size from the position-embedding length (grid + 1 cls row)."""
+def _dinov2_official_to_timm(state: dict[str, Array]) -> dict[str, Array]:
+  """facebookresearch/dinov2 keys -> timm's (what timm's own filter does): the mask token
+  dropped; with registers, `register_tokens` -> `reg_token` and the class token's position
+  row folded into the class token, so only patches have position embeddings."""
+  state = {k: v for k, v in state.items() if k != "mask_token"}
+  if "register_tokens" in state:
+    state["reg_token"] = state.pop("register_tokens")
+    state["cls_token"] = state["cls_token"] + state["pos_embed"][:, :1]
+    state["pos_embed"] = state["pos_embed"][:, 1:]
+  return state
+
+
+def _vit_geometry(name: str, state: Mapping[str, Array], model_kwargs) -> dict[str, Any]:
+  """The ViT's layout from its state dict: patch size, registers, LayerScale, whether the class
+  (and register) tokens have position rows, and image_size from the patch grid."""
   kwargs = dict(model_kwargs)
-  grid = int(round((num_pos - 1) ** 0.5))
-  if grid * grid != num_pos - 1:
-    raise ValueError(f"{name}: position embedding has {num_pos} rows, not a square patch grid "
-                     f"+ 1 cls token")
-  kwargs.setdefault("patch_size", patch_size)
+  num_pos = int(state["pos_embed"].shape[1])
+  regs = int(state["reg_token"].shape[1]) if "reg_token" in state else 0
+  kwargs.setdefault("patch_size", int(state["patch_embed.proj.weight"].shape[-1]))
+  kwargs.setdefault("num_registers", regs)
+  kwargs.setdefault("layer_scale", "blocks.0.ls1.gamma" in state)
+  if "class_pos_embed" not in kwargs:
+    square = lambda m: m > 0 and int(round(m ** 0.5)) ** 2 == m  # noqa: E731
+    if square(num_pos - 1 - regs):
+      kwargs["class_pos_embed"] = True
+    elif square(num_pos):
+      kwargs["class_pos_embed"] = False
+    else:
+      raise ValueError(f"{name}: position embedding has {num_pos} rows, not a square patch "
+                       f"grid (+ 1 class token{f' + {regs} registers' if regs else ''})")
+  grid = int(round((num_pos - ((1 + regs) if kwargs["class_pos_embed"] else 0)) ** 0.5))
   kwargs.setdefault("image_size", grid * kwargs["patch_size"])
   return kwargs
 
@@ -232,12 +282,18 @@ def load_timm_vit(path: str | os.PathLike, *, arch: str = "vit_b16",
     variables for `get_model(arch, num_classes, image_size=..., **model_kwargs)`.
   """
   name = Path(path).name
-  state = _read_state_dict(path)
+  state = _dinov2_official_to_timm(_read_state_dict(path))
   for k in ("patch_embed.proj.weight", "pos_embed", "cls_token"):
     if k not in state:
       raise ValueError(f"{name}: missing key {k!r} (not a timm cls-token ViT state dict)")
-  kwargs = _vit_geometry(name, int(state["patch_embed.proj.weight"].shape[-1]),
-                         int(state["pos_embed"].shape[1]), model_kwargs)
+  kwargs = _vit_geometry(name, state, model_kwargs)
+  registry = get_model(arch, 0) if arch in MODEL_NAMES else None
+  for key in ("num_registers", "layer_scale", "class_pos_embed"):
+    if registry is not None and key not in model_kwargs and getattr(registry, key) != kwargs[key]:
+      raise ValueError(f"{name}: the checkpoint has {key}={kwargs[key]!r} but arch {arch!r} has "
+                       f"{getattr(registry, key)!r}; pick the matching arch (e.g. "
+                       f"{'vit_s14_reg4_dinov2' if kwargs['num_registers'] else 'vit_s14_dinov2'} "
+                       f"for DINOv2) or pass {key}= in the model kwargs")
   num_classes = int(state["head.weight"].shape[0]) if "head.weight" in state else 0
   model = _arch_model(name, arch, num_classes, kwargs)
   targets = _target_shapes(model, int(state["patch_embed.proj.weight"].shape[1]),
@@ -355,7 +411,9 @@ def load_big_vision_vit_npz(path: str | os.PathLike, *, arch: str = "vit_b16",
   source[pos_key] = pos
 
   kernel = source[f"{prefix}embedding/kernel"]
-  kwargs = _vit_geometry(name, int(kernel.shape[0]), int(pos.shape[1]), model_kwargs)
+  # Google ViTs: no registers, no LayerScale, a class-token position row.
+  kwargs = _vit_geometry(name, {"pos_embed": pos, "patch_embed.proj.weight": kernel.T},
+                         {"class_pos_embed": True, **model_kwargs})
   head_key = f"{prefix}head/bias"
   num_classes = int(source[head_key].shape[-1]) if head_key in source else 0
   model = _arch_model(name, arch, num_classes, kwargs)

@@ -1,6 +1,6 @@
 """Builds the optax optimiser a config asks for.
 
-`config.optim`: name (sgd | momentum | adam | adamw), lr, momentum, nesterov, b1, b2,
+`config.optim`: name (sgd | momentum | adam | adamw | lars), lr, momentum, nesterov, b1, b2,
 weight_decay, clip_norm, schedule (constant | cosine), warmup_steps, lr_mults (tuple of
 (regex, multiplier) pairs, first match wins) and freeze (regex; matching leaves get no update and
 no optimiser state). Regexes are matched with `re.search` against '/'-joined parameter paths,
@@ -50,6 +50,11 @@ OPTIMIZERS = {
     "adam": lambda cfg, lr: optax.adam(lr, b1=cfg.b1, b2=cfg.b2),
     "adamw": lambda cfg, lr: optax.adamw(lr, b1=cfg.b1, b2=cfg.b2,
                                          weight_decay=cfg.weight_decay, mask=_decay_mask),
+    # SimCLR's LARS: layer-wise trust ratio and decoupled-in weight decay, both skipping biases
+    # and norm scales.
+    "lars": lambda cfg, lr: optax.lars(lr, weight_decay=cfg.weight_decay,
+                                       weight_decay_mask=_decay_mask, trust_ratio_mask=_decay_mask,
+                                       momentum=cfg.momentum, nesterov=cfg.nesterov),
 }
 
 
@@ -109,8 +114,8 @@ def make_optimizer(cfg, num_steps: int, params) -> tuple[optax.GradientTransform
   parts = []
   if cfg.clip_norm:
     parts.append(optax.clip_by_global_norm(cfg.clip_norm))
-  if cfg.weight_decay and cfg.name != "adamw":
-    # Coupled L2 for SGD (torchvision recipes), decoupled inside adamw.
+  if cfg.weight_decay and cfg.name not in ("adamw", "lars"):
+    # Coupled L2 for SGD (torchvision recipes); adamw and lars apply their own.
     parts.append(optax.add_decayed_weights(cfg.weight_decay, mask=_decay_mask))
   parts.append(_base(cfg, schedule))
   if cfg.lr_mults:
