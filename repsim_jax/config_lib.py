@@ -128,6 +128,16 @@ def data_config() -> ml_collections.ConfigDict:
   d.path_suffix = ""
   d.classes = ()             # image_folder: the class labels in id order; () = the train split's
   d.builder_dir = ""         # tfds: a prepared dataset directory instead of name + data_dir
+  d.keep_classes = ()          # single-label data: only these class ids, renumbered 0..k-1 in
+                               # this order (e.g. (0, 4): a binary task from two classes)
+  d.group_column = "patient"   # image_folder: patient ids (splits and folds keep a patient whole)
+  d.folds = 0                  # k-fold: train + val pooled, fold `fold` of k is val; 0 = off
+  d.fold = 0
+  d.fold_seed = 0
+  # Shortcut learning (DESIGN §6, `data.confounders`): an artefact on a fraction p of the positive
+  # train / val images; test becomes i.i.d. `test`, `test_ood` and `test_clean`. "" = off.
+  d.confounder = ml_collections.ConfigDict(dict(
+      kind="", p=0.0, seed=0, positive=1, text="R", photons=2e7, photons_confounded=1.5e7))
   d.splits = ml_collections.ConfigDict({"train": "train", "val": "validation", "test": "test"})
   d.image_key = "image"      # tfds
   d.label_key = "label"      # tfds

@@ -15,8 +15,9 @@ PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F
 
 
 @contextlib.contextmanager
-def figure(ncols: int = 1, width: float = 4.2, height: float = 3.2, **kw):
-  """(fig, axes) with the house style, closed on exit; save with `save` inside the block."""
+def figure(ncols: int = 1, width: float = 4.2, height: float = 3.2, nrows: int = 1, **kw):
+  """(fig, axes) with the house style, closed on exit; save with `save` inside the block.
+  `width` and `height` are per panel; axes is the row of panels, or the (nrows, ncols) grid."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -25,9 +26,10 @@ def figure(ncols: int = 1, width: float = 4.2, height: float = 3.2, **kw):
         "grid.alpha": 0.3, "font.size": 9, "axes.titlesize": 10, "legend.fontsize": 8,
         "legend.frameon": False}
   with plt.rc_context(rc):
-    fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, height), squeeze=False, **kw)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows),
+                             squeeze=False, **kw)
     try:
-      yield fig, axes[0]
+      yield fig, (axes[0] if nrows == 1 else axes)
     finally:
       plt.close(fig)
 
@@ -65,9 +67,10 @@ def grouped_bars(ax, categories: Sequence[str], series: Mapping[str, Sequence[fl
     ax.set_ylim(*ylim)
 
 
-def legend_above(fig, ax) -> None:
-  """One legend for the figure, above the panels, where it covers no data."""
+def legend_above(fig, ax, top: float = 0.9) -> None:
+  """One legend for the figure, above the panels (which keep the figure below `top`), where it
+  covers no data."""
   handles, labels = ax.get_legend_handles_labels()
   fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 6),
              bbox_to_anchor=(0.5, 1.0))
-  fig.tight_layout(rect=(0, 0, 1, 0.9))
+  fig.tight_layout(rect=(0, 0, 1, top))

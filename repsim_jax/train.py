@@ -300,6 +300,11 @@ class _Run:
                         "config.train.eval_batch_size")
     self.splits, self.info = splits, info = data.load_dataset(cfg.data)
     check_splits(cfg, splits)
+    carried = {k: np.flatnonzero(v.carried).tolist() for k, v in splits.items()
+               if hasattr(v, "carried")}
+    if carried and jax.process_index() == 0:  # which images carry the confounder: auditable
+      io.write_text(os.path.join(workdir, "confounded.json"), json.dumps(
+          {"confounder": cfg.data.confounder.to_dict(), "carried": carried}) + "\n")
     self.num_steps = num_train_steps(cfg, len(splits["train"]))
     # SSL trains the backbone alone (no classifier: its features are what the heads see).
     num_classes = (cfg.model.num_classes or info.num_classes) if cfg.objective == "supervised" else 0

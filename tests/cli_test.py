@@ -52,6 +52,25 @@ def test_pretrain(pretrained):
   assert os.path.isdir(pretrained / "checkpoints" / "3")
 
 
+@pytest.mark.parametrize("objective", ["simclr", pytest.param("byol", marks=pytest.mark.slow),
+                                       pytest.param("dino", marks=pytest.mark.slow)])
+def test_ssl_pretrain_then_finetune_from_it(root, objective):
+  """The README's SSL pretraining (on 2 devices), then fine-tuning from its run directory."""
+  wd = root / f"ssl_{objective}"
+  out = main(f"--config=configs/pretrain.py:objective={objective},model=small_cnn,"
+             "dataset=medical_gray,size=16,steps=3,batch=16",
+             *overrides(f"data.data_dir={root / 'data'}", *TINY, "ssl.hidden_dim=32",
+                        "ssl.out_dim=64", "ssl.local_crops=2"), f"--workdir={wd}")
+  assert f"done: {wd}/results.json" in out
+  saved = json.load(open(wd / "results.json"))
+  assert saved["objective"] == objective and 0 <= saved["final"]["val"]["knn_accuracy"] <= 1
+  ft = root / f"ft_{objective}"
+  main(f"--config=configs/finetune.py:model=small_cnn,source=synthetic,dataset=medical_gray,"
+       f"size=16,steps=2,batch=16,init={wd}",
+       *overrides(f"data.data_dir={root / 'data'}", *TINY), f"--workdir={ft}")
+  assert json.load(open(ft / "results.json"))["final"]["test"]["num_examples"] == 32
+
+
 @pytest.fixture(scope="module")
 def default_run(root):
   wd = root / "default"

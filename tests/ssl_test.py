@@ -120,16 +120,17 @@ def _images(n=6, size=12, c=3, seed=0):
 
 def test_views_are_keyed_by_seed_step_and_global_position():
   x, specs = _images(), [augment.ViewSpec(10, blur=0.5, solarize=0.2)] * 2
+  views = jax.jit(lambda k, im, off: augment.make_views(k, im, specs, off))
   key = jax.random.fold_in(jax.random.PRNGKey(0), 7)
-  a = augment.make_views(key, x, specs)
-  b = augment.make_views(key, x, specs)
+  a = views(key, x, 0)
+  b = views(key, x, 0)
   np.testing.assert_array_equal(a[0], b[0])
   # A device holding examples 2..5 of the global batch makes exactly their views.
-  shard = augment.make_views(key, x[2:], specs, offset=2)
-  np.testing.assert_array_equal(shard[1], a[1][2:])
-  other_step = augment.make_views(jax.random.fold_in(jax.random.PRNGKey(0), 8), x, specs)
+  shard = views(key, x[2:], 2)
+  np.testing.assert_allclose(shard[1], a[1][2:], atol=1e-6)
+  other_step = views(jax.random.fold_in(jax.random.PRNGKey(0), 8), x, 0)
   assert not np.allclose(other_step[0], a[0])
-  same = augment.make_views(key, jnp.broadcast_to(x[:1], x.shape), specs)[0]
+  same = views(key, jnp.broadcast_to(x[:1], x.shape), 0)[0]
   assert all(not np.allclose(same[0], same[i]) for i in range(1, len(x)))  # differ per example
   assert not np.allclose(a[0], a[1])  # and between the two views
   for v in a:
@@ -237,7 +238,8 @@ def rel_err(a, b, floor=1e-2):
              for x, y in zip(fa, fb))
 
 
-@pytest.mark.parametrize("objective", ["simclr", "byol", "dino"])
+@pytest.mark.parametrize("objective", ["simclr", pytest.param("byol", marks=pytest.mark.slow),
+                                       "dino"])
 def test_one_device_equals_eight_devices(tmp_path, objective):
   """Same views, global negatives, synchronised BatchNorm: 8 shards train what 1 device does."""
   states = [train.fit(ssl_config(tmp_path, objective, **{"parallel.num_devices": n}),
@@ -248,7 +250,7 @@ def test_one_device_equals_eight_devices(tmp_path, objective):
   assert rel_err(states[1].batch_stats, states[0].batch_stats) <= 1e-5
 
 
-@pytest.mark.parametrize("objective", ["byol", "dino"])
+@pytest.mark.parametrize("objective", ["byol", pytest.param("dino", marks=pytest.mark.slow)])
 def test_target_is_the_ema_of_the_updated_online_network(tmp_path, objective):
   cfg = ssl_config(tmp_path, objective, **{"train.num_steps": 1, "optim.warmup_steps": 0})
   run = train._Run(cfg, str(tmp_path / "run"))

@@ -31,11 +31,14 @@ _SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": 
 
 
 class ImageFolderSource:
-  """Random-access split of image files. `.paths` (N,) str, `.labels` int32 (N,)."""
+  """Random-access split of image files. `.paths` (N,) str, `.labels` int32 (N,), `.groups`
+  (N,) patient ids or None."""
 
-  def __init__(self, paths, labels, *, image_size: int, channels: int = 3, name: str = "folder"):
+  def __init__(self, paths, labels, *, image_size: int, channels: int = 3, name: str = "folder",
+               groups=None):
     self.paths = np.asarray(paths, dtype=object)
     self.labels = np.asarray(labels, np.int32)
+    self.groups = None if groups is None else np.asarray(groups, dtype=object)
     self.image_size = int(image_size)
     self.channels = int(channels)
     self.name = name
@@ -78,7 +81,7 @@ def _class_folder_rows(directory: str, classes: list[str]):
 
 
 def _read_csv(root: str, csv_path: str, path_column: str, label_column: str, split_column: str,
-              path_suffix: str):
+              path_suffix: str, group_column: str = ""):
   csv_path = csv_path if os.path.isabs(csv_path) else os.path.join(root, csv_path)
   if not os.path.exists(csv_path):
     raise FileNotFoundError(f"{csv_path}: CSV file not found")
@@ -98,7 +101,8 @@ def _read_csv(root: str, csv_path: str, path_column: str, label_column: str, spl
                            f"one of {sorted(_SPLIT_ALIASES)}")
         split = _SPLIT_ALIASES[value]
       path = os.path.join(root, row[path_column].strip() + path_suffix)
-      rows.append((path, row[label_column].strip(), split))
+      group = str(row[group_column]).strip() if group_column and group_column in header else None
+      rows.append((path, row[label_column].strip(), split, group))
   return csv_path, rows
 
 
@@ -156,7 +160,8 @@ def load_image_folder(root: str, *, csv: str = "", image_size: int = 224, channe
                       val_fraction: float = 0.1, test_fraction: float = 0.1, split_seed: int = 0,
                       path_column: str = "path", label_column: str = "label",
                       split_column: str = "split", path_suffix: str = "",
-                      task: str | None = None, name: str | None = None, classes=()):
+                      task: str | None = None, name: str | None = None, classes=(),
+                      group_column: str = "patient"):
   """Loads an image-folder data set (see the module docstring for layouts).
 
   Returns:
@@ -172,26 +177,40 @@ def load_image_folder(root: str, *, csv: str = "", image_size: int = 224, channe
                      f"{val_fraction}/{test_fraction}")
   where = root
   if csv:
-    where, rows = _read_csv(root, csv, path_column, label_column, split_column, path_suffix)
+    where, rows = _read_csv(root, csv, path_column, label_column, split_column, path_suffix,
+                            group_column)
   elif os.path.isdir(os.path.join(root, "train")):
     splits = [s for s in ("train", "val", "test") if os.path.isdir(os.path.join(root, s))]
     classes = sorted({c for s in splits for c in os.listdir(os.path.join(root, s))
                       if os.path.isdir(os.path.join(root, s, c))})
-    rows = [(p, c, s) for s in splits for p, c in _class_folder_rows(os.path.join(root, s), classes)]
+    rows = [(p, c, s, None) for s in splits
+            for p, c in _class_folder_rows(os.path.join(root, s), classes)]
   else:
     classes = sorted(c for c in os.listdir(root) if os.path.isdir(os.path.join(root, c)))
-    rows = [(p, c, None) for p, c in _class_folder_rows(root, classes)]
+    rows = [(p, c, None, None) for p, c in _class_folder_rows(root, classes)]
   if not rows:
     raise ValueError(f"{where}: no images found")
   _check_images([r[0] for r in rows], where)
   split_of = np.array([r[2] or "" for r in rows], dtype=object)
+  groups = (np.array([r[3] for r in rows], dtype=object) if all(r[3] is not None for r in rows)
+            else None)
   if not any(split_of):
+    # A patient's images stay in one split: whole groups are dealt (one image = one group
+    # without patient ids) until each split has its fraction.
+    keys = groups if groups is not None else np.arange(len(rows))
+    uniq, inverse = np.unique(keys, return_inverse=True)
+    perm = np.random.default_rng(split_seed).permutation(len(uniq))
+    sizes = np.bincount(inverse)[perm]
+    cum = np.cumsum(sizes)
     n = len(rows)
-    perm = np.random.default_rng(split_seed).permutation(n)
     n_val, n_test = int(round(val_fraction * n)), int(round(test_fraction * n))
-    split_of[perm[:n_val]] = "val"
-    split_of[perm[n_val:n_val + n_test]] = "test"
-    split_of[perm[n_val + n_test:]] = "train"
+    which = np.where(cum <= n_val, "val", np.where(cum <= n_val + n_test, "test", "train"))
+    if groups is None:  # exactly the fractions, as before patient ids existed
+      which = np.where(np.arange(n) < n_val, "val",
+                       np.where(np.arange(n) < n_val + n_test, "test", "train"))
+    group_split = np.empty(len(uniq), dtype=object)
+    group_split[perm] = which
+    split_of = group_split[inverse]
   labels, num_classes = _label_ids([r[1] for r in rows], split_of, where, classes)
   name = name or os.path.basename(os.path.normpath(root))
   paths = np.array([r[0] for r in rows], dtype=object)
@@ -200,7 +219,8 @@ def load_image_folder(root: str, *, csv: str = "", image_size: int = 224, channe
     sel = split_of == split
     if sel.any():
       out[split] = ImageFolderSource(paths[sel], labels[sel], image_size=image_size,
-                                     channels=channels, name=f"{name}/{split}")
+                                     channels=channels, name=f"{name}/{split}",
+                                     groups=None if groups is None else groups[sel])
   info = DatasetInfo(name, max(num_classes, 1), task_for(num_classes, task),
                      (int(image_size), int(image_size), int(channels)))
   return out, info

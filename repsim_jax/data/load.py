@@ -50,7 +50,59 @@ def _load(cfg) -> tuple[dict[str, Any], DatasetInfo]:
   if source in ("medmnist", "tfds", "synthetic") and not c.get("name") and not (
       source == "tfds" and c["builder_dir"]):
     raise ValueError(f"name: the {source} source needs a data set name")
-  return SOURCES[source](c)
+  splits, info = SOURCES[source](c)
+  if c.get("keep_classes"):
+    splits, info = keep_classes(splits, info, tuple(int(k) for k in c["keep_classes"]))
+  if int(c.get("folds") or 0):
+    from repsim_jax.data import folds  # pylint: disable=g-import-not-at-top
+    splits = folds.kfold(splits, int(c["folds"]), int(c["fold"]), int(c["fold_seed"]))
+  conf = c.get("confounder") or {}
+  conf = conf.to_dict() if hasattr(conf, "to_dict") else dict(conf)
+  if conf.get("kind"):
+    from repsim_jax.data import confounders  # pylint: disable=g-import-not-at-top
+    if conf["kind"] not in confounders.KINDS:
+      raise ValueError(f"config.data.confounder.kind={conf['kind']!r}: expected one of "
+                       f"{confounders.KINDS}")
+    if info.task != "binary":
+      raise ValueError(f"config.data.confounder.kind={conf['kind']!r}: needs a binary dataset; "
+                       f"{info.name} is {info.task} with {info.num_classes} classes")
+    defaults = config_defaults()["confounder"]
+    splits = confounders.confound_splits(splits, _Attrs({**defaults, **conf}),
+                                         int(conf.get("positive", 1)))
+  return splits, info
+
+
+def keep_classes(splits: dict, info: DatasetInfo, classes: tuple[int, ...]):
+  """Only the examples of `classes`, relabelled by their position there."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from repsim_jax.data.core import ArraySource, task_for  # pylint: disable=g-import-not-at-top
+  from repsim_jax.data.folds import Subset  # pylint: disable=g-import-not-at-top
+  if info.task == "multilabel" or len(set(classes)) != len(classes) or len(classes) < 2 or not all(
+      0 <= k < info.num_classes for k in classes):
+    raise ValueError(f"config.data.keep_classes={classes}: expected 2 or more distinct class ids "
+                     f"of the {info.num_classes}-class single-label dataset {info.name}")
+  lut = np.full(info.num_classes, -1, np.int32)
+  lut[list(classes)] = np.arange(len(classes))
+  out = {}
+  for name, src in splits.items():
+    labels = lut[np.asarray(src.labels)]
+    idx = np.flatnonzero(labels >= 0)
+    if isinstance(src, ArraySource):
+      out[name] = ArraySource(src.images[idx], labels[idx], src.name)
+    else:
+      out[name] = Subset([src], idx, labels=labels[idx])
+  k = len(classes)
+  return out, dataclasses.replace(info, num_classes=k, task=task_for(k))
+
+
+class _Attrs(dict):
+  __getattr__ = dict.__getitem__
+
+
+def config_defaults() -> dict:
+  from repsim_jax import config_lib  # pylint: disable=g-import-not-at-top
+  return config_lib.data_config().to_dict()
 
 
 def _medmnist(c):
@@ -66,6 +118,7 @@ def _image_folder(c):
       test_fraction=float(c["test_fraction"]), split_seed=int(c["split_seed"]),
       path_column=c["path_column"], label_column=c["label_column"],
       split_column=c["split_column"], path_suffix=c["path_suffix"], task=c["task"] or None,
+      group_column=c["group_column"],
       name=c.get("name") or None, classes=tuple(c["classes"] or ()))
 
 

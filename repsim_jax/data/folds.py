@@ -1,0 +1,94 @@
+"""k-fold cross-validation splits: stratified, and grouped by patient where the data have ids.
+
+`kfold(splits, k, fold, seed)` pools train and val and returns fold `fold` of k as val, the
+rest as train; the test split is untouched. A source with `.groups` (image folders with a
+patient column) is split so that no patient is in two folds.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from repsim_jax.data.core import ArraySource
+
+
+def fold_of(labels, k: int, seed: int, groups=None) -> np.ndarray:
+  """Fold id (0..k-1) of every example: within each class a seeded permutation dealt round
+  robin (stratified); with `groups`, whole groups are dealt instead, largest first, each to
+  the fold with fewest examples of its majority class so far (grouped and near-stratified)."""
+  labels = np.asarray(labels).reshape(len(labels), -1)[:, 0]
+  if k < 2:
+    raise ValueError(f"folds: expected k >= 2, got {k}")
+  rng = np.random.default_rng(seed)
+  out = np.empty(len(labels), np.int64)
+  if groups is None:
+    for c in np.unique(labels):
+      idx = rng.permutation(np.flatnonzero(labels == c))
+      out[idx] = np.arange(len(idx)) % k
+    return out
+  groups = np.asarray(groups)
+  uniq = rng.permutation(np.unique(groups))
+  members = {g: np.flatnonzero(groups == g) for g in uniq}
+  classes = np.unique(labels)
+  counts = np.zeros((k, len(classes)))
+  for g in sorted(uniq, key=lambda g: -len(members[g])):  # stable: ties keep the permutation
+    lab = labels[members[g]]
+    major = np.searchsorted(classes, np.bincount(np.searchsorted(classes, lab)).argmax())
+    f = int(np.argmin(counts[:, major] * 1e9 + counts.sum(1)))
+    out[members[g]] = f
+    counts[f] += np.bincount(np.searchsorted(classes, lab), minlength=len(classes))
+  return out
+
+
+class Subset:
+  """Examples `idx` of random-access sources pooled in order (`.labels`, `.groups` kept;
+  `labels` given: the items' labels replaced by them)."""
+
+  def __init__(self, sources, idx, labels=None):
+    self.sources = list(sources)
+    self.offsets = np.cumsum([0] + [len(s) for s in self.sources])
+    self.idx = np.asarray(idx, np.int64)
+    self.relabelled = labels is not None
+    self.labels = (np.asarray(labels, np.int32) if self.relabelled
+                   else _pooled(self.sources, "labels")[self.idx])
+    groups = _pooled(self.sources, "groups")
+    self.groups = None if groups is None else groups[self.idx]
+    self.name = getattr(self.sources[0], "name", "subset")
+
+  def __len__(self) -> int:
+    return len(self.idx)
+
+  def __getitem__(self, i: int) -> dict[str, Any]:
+    j = int(self.idx[i])
+    s = int(np.searchsorted(self.offsets, j, side="right") - 1)
+    item = self.sources[s][j - int(self.offsets[s])]
+    return {**item, "label": self.labels[i]} if self.relabelled else item
+
+
+def _pooled(sources, attr):
+  values = [getattr(s, attr, None) for s in sources]
+  if any(v is None for v in values):
+    if attr == "labels":
+      return np.concatenate([[s[i]["label"] for i in range(len(s))] for s in sources])
+    return None
+  return np.concatenate([np.asarray(v) for v in values])
+
+
+def kfold(splits: dict, k: int, fold: int, seed: int) -> dict:
+  """Train and val pooled, fold `fold` of `k` as val and the rest as train; other splits kept."""
+  if not 0 <= fold < k:
+    raise ValueError(f"fold: expected 0 <= fold < folds={k}, got {fold}")
+  pool = [splits[s] for s in ("train", "val") if s in splits]
+  whole = Subset(pool, np.arange(sum(len(s) for s in pool)))
+  folds = fold_of(whole.labels, k, seed, whole.groups)
+  out = dict(splits)
+  for name, sel in (("train", folds != fold), ("val", folds == fold)):
+    idx = np.flatnonzero(sel)
+    if all(isinstance(s, ArraySource) for s in pool):  # keep the vectorised gather
+      images = np.concatenate([s.images for s in pool])[idx]
+      out[name] = ArraySource(images, whole.labels[idx], f"{whole.name}/fold{fold}/{name}")
+    else:
+      out[name] = Subset(pool, idx)
+  return out

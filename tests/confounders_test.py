@@ -1,0 +1,216 @@
+"""Confounders (DESIGN §6): each artefact's defining property, the split rules, k-fold splits."""
+
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from repsim_jax import config_lib, data, train
+from repsim_jax.data import confounders as C, folds
+
+
+def _image(size=64, c=1, seed=0):
+  return np.random.default_rng(seed).integers(0, 200, (size, size, c), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("fn", [C.tag, C.patch])
+def test_tag_and_patch_change_only_their_region(fn):
+  for size, c in ((64, 1), (128, 3), (28, 1)):
+    x = _image(size, c)
+    y = fn(x)
+    changed = np.any(y != x, axis=-1)
+    r0, c0, rows, cols = C._box(size, size)
+    assert changed.any()
+    outside = np.ones_like(changed)
+    outside[r0:r0 + rows, c0:c0 + int(round(rows * 1.2)) + 1] = False  # the letter's width <= its height
+    assert not changed[outside].any()
+    assert y.max() == 255  # white
+  # The paper's geometry at 512 px: a 64 px box at (200, 200).
+  assert C._box(512, 512) == (200, 200, 64, 64)
+
+
+def test_lowpass_keeps_mean_and_in_mask_spectrum_and_removes_the_rest():
+  x = _image(64, 1).astype(np.float64)
+  y = C.lowpass_float(x)
+  assert y.mean() == pytest.approx(x.mean(), abs=1e-9)
+  fx = np.fft.fftshift(np.fft.fft2(x[..., 0]))
+  fy = np.fft.fftshift(np.fft.fft2(y[..., 0]))
+  mask = C.lowpass_mask(64, 64)
+  np.testing.assert_allclose(fy[mask], fx[mask], atol=1e-6)
+  assert np.abs(fy[~mask]).max() < 1e-6 and np.abs(fx[~mask]).max() > 1.0
+  assert 0 < (~mask).sum() < mask.size  # only the corners of the spectrum go
+
+
+def test_noise_variance_matches_the_poisson_model_and_confounded_is_noisier():
+  rng = np.random.default_rng(0)
+  x = np.full((256, 256, 1), 100, np.uint8)
+  for photons in (2e7, 1.5e7):
+    var = C.noise_float(x, photons, rng).var()
+    assert var == pytest.approx(C.noise_variance(100, photons), rel=0.03)
+  images = [C.stamp("noise", x, carried, seed=i) for i, carried in enumerate([False, True] * 4)]
+  v = [float(np.var(im.astype(np.float64))) for im in images]
+  assert np.mean(v[1::2]) > 1.1 * np.mean(v[::2])  # 1.5e7 photons: a third more variance
+
+
+def test_split_rules():
+  labels = np.array([0, 1] * 50 + [1] * 7)
+  n_pos = int((labels == 1).sum())
+  for p in (0.0, 0.1, 0.2, 0.5, 0.8, 1.0):
+    m = C.select(labels, p, "train", seed=3)
+    assert abs(m[labels == 1].sum() - p * n_pos) <= 1 and not m[labels == 0].any()
+    np.testing.assert_array_equal(m, C.select(labels, p, "train", seed=3))
+  assert not np.array_equal(C.select(labels, 0.5, "train", 3), C.select(labels, 0.5, "train", 4))
+  ood = C.select(labels, 0.5, "ood", 3)
+  assert ood[labels == 0].all() and not ood[labels == 1].any()
+  assert not C.select(labels, 0.5, "clean", 3).any()
+
+
+def test_attribute_sampling_gives_the_stated_mixture():
+  rng = np.random.default_rng(0)
+  labels, groups = rng.integers(0, 2, 4000), rng.integers(0, 2, 4000)
+  for p in (0.2, 0.5, 0.8):
+    keep = C.attribute_indices(labels, groups, p, "train", seed=1)
+    pos = keep[labels[keep] == 1]
+    assert np.mean(groups[pos] == 0) == pytest.approx(p, abs=1 / len(pos))
+    assert (groups[keep[labels[keep] == 0]] == 0).all()
+  ood = C.attribute_indices(labels, groups, 0.5, "ood", seed=1)
+  assert ((labels[ood] == 1) == (groups[ood] == 0)).all()
+
+
+def test_stratified_and_grouped_folds():
+  labels = np.array([0] * 30 + [1] * 12)
+  f = folds.fold_of(labels, 3, seed=0)
+  for k in range(3):
+    assert (labels[f == k] == 1).sum() == 4 and (f == k).sum() == 14
+  groups = np.repeat(np.arange(14), 3)
+  g = folds.fold_of(labels, 3, seed=0, groups=groups)
+  for pid in range(14):
+    assert len(set(g[groups == pid])) == 1  # a patient is in one fold
+  assert sorted(np.bincount(g)) == [12, 15, 15]
+
+
+def _tiny(tmp_path, **conf):
+  c = config_lib.train_config()
+  c.data.name, c.data.num_classes, c.data.size = "medical_gray", 2, 16
+  c.data.train_size, c.data.val_size, c.data.test_size = 64, 32, 32
+  c.data.data_dir = str(tmp_path / "data")
+  c.data.confounder.update(conf)
+  c.model.name = "small_cnn"
+  c.train.batch_size, c.train.num_steps, c.train.log_every = 16, 2, 1
+  c.train.eval_splits = ("val", "test", "test_ood", "test_clean")
+  c.train.tensorboard, c.parallel.num_devices = False, 1
+  return c
+
+
+def test_a_run_evaluates_every_test_set_and_saves_which_images_carry_it(tmp_path):
+  cfg = _tiny(tmp_path, kind="patch", p=0.5, seed=2)
+  res = train.train_and_evaluate(cfg, str(tmp_path / "run"))
+  assert set(res["final"]) == {"val", "test", "test_ood", "test_clean"}
+  saved = json.load(open(tmp_path / "run" / "confounded.json"))
+  splits, _ = data.load_dataset(cfg.data)
+  assert saved["carried"]["test_clean"] == []
+  for name in ("train", "val", "test", "test_ood"):
+    np.testing.assert_array_equal(saved["carried"][name], np.flatnonzero(splits[name].carried))
+    idx = saved["carried"][name][0]
+    src = splits[name].source
+    assert (splits[name][idx]["image"] != src[idx]["image"]).any()
+  labels = splits["train"].labels
+  assert not splits["train"].carried[labels == 0].any()
+
+
+def test_a_non_binary_dataset_is_a_clear_error(tmp_path):
+  cfg = _tiny(tmp_path, kind="tag", p=0.5)
+  cfg.data.num_classes = 3
+  with pytest.raises(ValueError, match=r"config.data.confounder.*kind='tag'.*binary"):
+    data.load_dataset(cfg.data)
+  cfg.data.num_classes, cfg.data.confounder.kind = 2, "sticker"
+  with pytest.raises(ValueError, match=r"config.data.confounder.*'sticker'"):
+    data.load_dataset(cfg.data)
+
+
+STUDY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
+
+
+def _study():
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("confounders_study",
+                                                os.path.join(STUDY, "confounders.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+@pytest.mark.slow
+def test_the_shortcut_is_learned_at_p1_and_absent_at_p0(tmp_path):
+  """Normal vs dark lesion, the lowpass artefact, random init, 2 folds: at p = 1 the o.o.d.
+  AUC collapses (measured 1.00 i.i.d. against 0.00 o.o.d.); at p = 0 the two agree (0.89 and
+  0.91)."""
+  study = _study()
+  df = study.run_study(str(tmp_path), kinds="lowpass", ps="0,1", folds=2, finetune_steps=150,
+                       sources="random=", methods="full_ft")
+  at = {p: g for p, g in df.groupby("p")}
+  assert (at[1.0].auc_iid - at[1.0].auc_ood).min() > 0.5
+  spread = at[0.0].auc_iid.std() + at[0.0].auc_ood.std() + 0.02
+  assert abs(at[0.0].auc_iid.mean() - at[0.0].auc_ood.mean()) < max(spread, 0.05)
+
+
+def test_report_numbers_equal_the_csv(tmp_path):
+  """The outputs of a results table (what the runs return), without training."""
+  study = _study()
+  rng = np.random.default_rng(0)
+  rows = [{"source": s, "method": m, "kind": k, "p": p, "fold": f,
+           "auc_iid": rng.uniform(0.5, 1), "auc_ood": rng.uniform(0, 1),
+           "auc_clean": rng.uniform(0.5, 1), "run": "x"}
+          for s in ("natural", "medical") for m in ("full_ft", "repsim") for k in ("tag", "noise")
+          for p in (0.0, 1.0) for f in range(3)]
+  df = pd.DataFrame(rows)
+  study.write_outputs(df, str(tmp_path))
+  _check_report(tmp_path, df)
+  tests = pd.read_csv(tmp_path / "tests.csv")
+  top = df[df.p == 1.0]
+  g = top[(top.kind == "tag") & (top.method == "repsim")]
+  gap = lambda s: (g[g.source == s].auc_iid - g[g.source == s].auc_ood).mean()  # noqa: E731
+  r = tests[(tests.kind == "tag") & (tests.method == "repsim")].iloc[0]
+  assert r.gap_a == pytest.approx(gap("natural")) and r.gap_b == pytest.approx(gap("medical"))
+  assert 0 < r.p_value <= 1
+
+
+def _check_report(tmp_path, df):
+  summary = pd.read_csv(tmp_path / "summary.csv")
+  tests = pd.read_csv(tmp_path / "tests.csv")
+  report = (tmp_path / "report.md").read_text()
+  assert len(summary) == len(df.groupby(["source", "method", "kind", "p"]))
+  for r in summary.itertuples():
+    row = (f"| {r.source} | {r.method} | {r.kind} | {r.p:g} | {r.auc_iid_mean:.4f} ± "
+           f"{np.nan_to_num(r.auc_iid_std):.4f} | {r.auc_ood_mean:.4f} ± "
+           f"{np.nan_to_num(r.auc_ood_std):.4f} |")
+    assert row in report
+  for r in tests.itertuples():
+    assert (f"| {r.source_a} | {r.gap_a:.4f} | {r.source_b} | {r.gap_b:.4f} | {r.t:.3f} | "
+            f"{r.p_value:.4f} |") in report
+  assert (tmp_path / "auc_vs_p.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_study_end_to_end_and_a_rerun_trains_nothing(tmp_path, capsys):
+  study = _study()
+  target = dict(study.SETTINGS["small"]["target"], size=16, train_size=320, val_size=80,
+                test_size=160)
+  kw = dict(kinds="tag", ps="1", folds=2, finetune_steps=2, pretrain_steps=2, batch=16,
+            sources="natural=pretrain:natural,random=", methods="full_ft,repsim", target=target)
+  df = study.run_study(str(tmp_path), **kw)
+  # Random init runs full fine-tuning only: 2 folds x (2 methods + 1).
+  assert len(df) == 6 and set(df.method[df.source == "random"]) == {"full_ft"}
+  _check_report(tmp_path, df)
+  # The CSV's means are the runs' own results.
+  res = pd.read_csv(tmp_path / "results.csv")
+  first = res.iloc[0]
+  saved = json.load(open(tmp_path / first.run / "results.json"))
+  assert saved["final"]["test_ood"]["auc"] == pytest.approx(first.auc_ood)
+  capsys.readouterr()
+  again = study.run_study(str(tmp_path), **kw)
+  out = capsys.readouterr().out
+  assert out.count("already finished") == 6 + 1 and "step 1/" not in out
+  pd.testing.assert_frame_equal(again, df)
