@@ -37,7 +37,9 @@ from repsim_jax.jobs import default as default_run
 TESTS = {"iid": "test", "ood": "test_ood", "clean": "test_clean"}
 
 # `small`: synthetic data, 2 CPU cores. `full`: MedMNIST PneumoniaMNIST at 224 px (download
-# pneumoniamnist_224.npz into --data_dir), ImageNet and RadImageNet ResNet-50s, on accelerators.
+# pneumoniamnist_224.npz into --data_dir) from ImageNet ResNet-50 weights (`python -m
+# repsim_jax.models.export torchvision:resnet50 weights/r50.safetensors`) and random init, on
+# accelerators; add a medical source with --sources (a run dir or weights file).
 SETTINGS = {
     "small": dict(
         # Normal tissue against a dark lesion (classes 0 and 4 of 8): a label signal the bright
@@ -49,7 +51,7 @@ SETTINGS = {
         pretrain_steps=600, finetune_steps=150, batch=64),
     "full": dict(
         target=dict(source="medmnist", name="pneumoniamnist", size=224),
-        model="resnet50", sources="imagenet=weights/r50.safetensors,radimagenet=weights/RadImageNet-ResNet50.h5,random=",
+        model="resnet50", sources="imagenet=weights/r50.safetensors,random=",
         kinds="tag,patch,lowpass,noise", ps="0,0.1,0.2,0.5,0.8,1", folds=5,
         methods="full_ft,repsim", pretrain_steps=0, finetune_steps=2000, batch=64),
 }

@@ -1,6 +1,7 @@
 """What there is to choose from, on the command line.
 
-  python -m repsim_jax.catalog [models | datasets | methods | jobs | weights]   (all when omitted)
+  python -m repsim_jax.catalog [models | datasets | methods | objectives | confounders | jobs |
+                                weights]   (all when omitted)
 
 Every list is read from the registry the config keys are checked against (`models.MODEL_NAMES`,
 the MedMNIST catalogue and synthetic kinds, `methods.METHODS`, `jobs.JOBS`), so it cannot drift
@@ -16,6 +17,9 @@ WEIGHT_FORMATS = (
     (".safetensors / .pth", "torchvision ResNet state dicts (resnet18, resnet50) and timm ViT "
                             "ones (vit_ti16, vit_s16, vit_b16); ImageNet weights from "
                             "`python -m repsim_jax.models.export`"),
+    ("SSL releases", "MoCo v1/v2/v3 ResNet-50, DINO ResNet-50 / ViT (teacher or student), timm "
+                     "DINO ViTs, DINOv2 ViT-S/B/L (with or without registers): the backbone "
+                     "under its prefix, projection heads dropped"),
     (".npz", "Google / big_vision ViT checkpoints (e.g. ViT-B_16.npz)"),
 )
 
@@ -53,12 +57,28 @@ def methods() -> list[tuple[str, str]]:
   return out
 
 
+def objectives() -> list[tuple[str, str]]:
+  from repsim_jax import ssl  # pylint: disable=g-import-not-at-top
+  what = {"supervised": "the task loss (labels)", "simclr": "NT-Xent, global-batch negatives",
+          "byol": "EMA target, predictor", "dino": "EMA teacher, centring, multi-crop"}
+  return [(name, what[name] + "; config.objective") for name in ssl.NAMES]
+
+
+def confounders() -> list[tuple[str, str]]:
+  from repsim_jax.data import confounders as conf  # pylint: disable=g-import-not-at-top
+  what = {"tag": "a white letter (config.data.confounder.text)", "patch": "a white square",
+          "lowpass": "high spatial frequencies removed", "noise": "CT-like Poisson noise, "
+          "stronger on confounded images"}
+  return [(k, what[k] + "; config.data.confounder.kind") for k in conf.KINDS]
+
+
 def jobs() -> list[tuple[str, str]]:
   from repsim_jax import jobs as jobs_lib  # pylint: disable=g-import-not-at-top
   return [(name, jobs_lib.DESCRIPTIONS[name]) for name in jobs_lib.JOBS]
 
 
-SECTIONS = {"models": models, "datasets": datasets, "methods": methods, "jobs": jobs,
+SECTIONS = {"models": models, "datasets": datasets, "methods": methods,
+            "objectives": objectives, "confounders": confounders, "jobs": jobs,
             "weights": lambda: list(WEIGHT_FORMATS)}
 
 

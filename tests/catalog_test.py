@@ -28,6 +28,9 @@ def test_catalog_lists_what_the_configs_accept():
   assert set(models.MODEL_NAMES) <= names
   assert set(methods.METHODS) <= names
   assert set(jobs.JOBS) <= names
+  from repsim_jax import ssl
+  from repsim_jax.data import confounders
+  assert set(ssl.NAMES) <= names and set(confounders.KINDS) <= names
   derma = next(l for l in lines if "dermamnist" in l)
   assert "multiclass, 7 classes, 3 channels" in derma and medmnist.CATALOGUE["dermamnist"][0] == 7
   # Each method's keys are the ones it reads: setting any other one draws a warning.
@@ -37,7 +40,8 @@ def test_catalog_lists_what_the_configs_accept():
   assert methods.unused_keys(cfg) == [] and set(keys) <= set(cfg)
   bad = _cli("repsim_jax.catalog", "modles")
   assert bad.returncode == 2 and bad.stderr.strip() == (
-      "error: unknown section 'modles'; expected some of models, datasets, methods, jobs, weights")
+      "error: unknown section 'modles'; expected some of models, datasets, methods, "
+      "objectives, confounders, jobs, weights")
 
 
 def test_export_writes_a_file_the_trainer_reads(tmp_path):

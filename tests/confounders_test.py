@@ -214,3 +214,36 @@ def test_study_end_to_end_and_a_rerun_trains_nothing(tmp_path, capsys):
   out = capsys.readouterr().out
   assert out.count("already finished") == 6 + 1 and "step 1/" not in out
   pd.testing.assert_frame_equal(again, df)
+
+
+def test_image_folder_patients_stay_in_one_split_and_one_fold(tmp_path):
+  """A CSV with a patient column: the random split and every fold keep a patient whole; the
+  confounder wraps the lazily decoded images too."""
+  from PIL import Image
+  rng = np.random.default_rng(0)
+  rows = []
+  for i in range(60):
+    os.makedirs(tmp_path / "im", exist_ok=True)
+    Image.fromarray(rng.integers(0, 200, (20, 20), dtype=np.uint8)).save(tmp_path / "im" / f"{i}.png")
+    rows.append(f"im/{i}.png,{i % 2},p{i // 3}")
+  (tmp_path / "labels.csv").write_text("path,label,patient\n" + "\n".join(rows) + "\n")
+  cfg = config_lib.data_config()
+  cfg.source, cfg.root, cfg.csv, cfg.image_size, cfg.channels = (
+      "image_folder", str(tmp_path), "labels.csv", 16, 1)
+  cfg.val_fraction = cfg.test_fraction = 0.2
+  splits, info = data.load_dataset(cfg)
+  patients = {s: set(splits[s].groups) for s in splits}
+  assert not (patients["train"] & patients["val"]) and not (patients["train"] & patients["test"])
+  assert sum(len(p) for p in patients.values()) == 20
+  cfg.folds, cfg.confounder.kind, cfg.confounder.p = 3, "patch", 1.0
+  seen = {}
+  for fold in range(3):
+    cfg.fold = fold
+    splits, _ = data.load_dataset(cfg)
+    for pid in set(splits["val"].source.groups):
+      assert pid not in seen
+      seen[pid] = fold
+    assert not set(splits["train"].source.groups) & set(splits["val"].source.groups)
+    i = int(np.flatnonzero(splits["train"].carried)[0])
+    assert (splits["train"][i]["image"] != splits["train"].source[i]["image"]).any()
+  assert len(seen) == len(set(patients["train"]) | set(patients["val"]))

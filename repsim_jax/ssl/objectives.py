@@ -52,7 +52,6 @@ def _spec(cfg, size: int, **kw) -> augment.ViewSpec:
 class Objective:
   """The interface; `supervised` is the trainer's own step and has no objective object."""
   name = ""
-  num_global = 2
 
   def __init__(self, cfg, image_size: int, num_steps: int, multiple: int = 1):
     self.cfg, self.image_size, self.num_steps = cfg, image_size, num_steps
