@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import itertools
+import math
 import os
 import sys
 
@@ -175,6 +176,13 @@ def write_outputs(df: pd.DataFrame, workdir: str) -> None:
                                          else " (not significant at 0.05)")
     lines.append(f"| {r.kind} | {r.method} | {r.source_a} | {r.gap_a:.4f} | {r.source_b} | "
                  f"{r.gap_b:.4f} | {r.t:.3f} | {r.p_value:.4f} | {verdict} |")
+  if len(tests):
+    n_a, n_b = int(tests.n_a.min()), int(tests.n_b.min())
+    floor = 2.0 / math.comb(n_a + n_b, n_a)
+    lines += ["", f"With {n_a} + {n_b} folds there are {math.comb(n_a + n_b, n_a)} ways to split "
+              f"the gaps, so no two-sided permutation test can give a p-value below "
+              f"{floor:.4f}" + (": more folds are needed for significance at 0.05 (5 + 5: "
+                                "0.0079)." if floor >= 0.05 else ".")]
   lines += ["", "## AUC per setting", "",
             "| source | method | kind | p | i.i.d. | o.o.d. | clean |", "| --- | --- | --- | --- | --- | --- | --- |"]
   for r in summary.itertuples():

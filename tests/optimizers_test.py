@@ -61,3 +61,25 @@ def test_clipping_bounds_the_global_norm():
   g = jax.tree.map(lambda x: 100.0 * jnp.ones_like(x), params())
   u, _ = one_update(cfg(clip_norm=1.0, lr=1.0), grads=g)
   assert float(optax.tree.norm(u)) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_lars_equals_optax_lars():
+  """Our LARS takes each trust-ratio norm once; the steps are optax.lars' (a zero leaf and a
+  bias, which gets neither decay nor the trust ratio, included)."""
+  import optax
+  from repsim_jax.optim import optimizers as opt
+  rng = np.random.default_rng(0)
+  params = {"w": jnp.asarray(rng.normal(size=(3, 3, 4, 8)), jnp.float32),
+            "b": jnp.asarray(rng.normal(size=(8,)), jnp.float32), "z": jnp.zeros((4, 4))}
+  ours = opt.lars(0.1, 1e-4, 0.9)
+  ref = optax.lars(0.1, weight_decay=1e-4, weight_decay_mask=opt._decay_mask,
+                   trust_ratio_mask=opt._decay_mask, momentum=0.9)
+  sa, sb, pa, pb = ours.init(params), ref.init(params), params, params
+  for _ in range(3):
+    g = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), params)
+    ua, sa = ours.update(g, sa, pa)
+    ub, sb = ref.update(g, sb, pb)
+    pa, pb = optax.apply_updates(pa, ua), optax.apply_updates(pb, ub)
+  for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
+    np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+  assert float(jnp.abs(pa["w"] - params["w"]).max()) > 0

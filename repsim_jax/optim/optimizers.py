@@ -50,12 +50,35 @@ OPTIMIZERS = {
     "adam": lambda cfg, lr: optax.adam(lr, b1=cfg.b1, b2=cfg.b2),
     "adamw": lambda cfg, lr: optax.adamw(lr, b1=cfg.b1, b2=cfg.b2,
                                          weight_decay=cfg.weight_decay, mask=_decay_mask),
-    # SimCLR's LARS: layer-wise trust ratio and decoupled-in weight decay, both skipping biases
-    # and norm scales.
-    "lars": lambda cfg, lr: optax.lars(lr, weight_decay=cfg.weight_decay,
-                                       weight_decay_mask=_decay_mask, trust_ratio_mask=_decay_mask,
-                                       momentum=cfg.momentum, nesterov=cfg.nesterov),
+    "lars": lambda cfg, lr: lars(lr, cfg.weight_decay, cfg.momentum, cfg.nesterov),
 }
+
+
+def scale_by_trust_ratio(trust_coefficient: float = 0.001) -> optax.GradientTransformation:
+  """LARS' layer-wise scale: u * c ||w|| / ||u|| (1 where either norm is 0).
+
+  `optax.scale_by_trust_ratio` with each norm taken once: optax's `safe_norm` takes two per
+  leaf so that it can be differentiated, which an optimiser step never is, and on CPU those
+  reductions over every weight were a tenth of a ResNet SSL step (benchmarks/ssl_step.py).
+  """
+
+  def update_fn(updates, state, params):
+    def scale(u, p):
+      pn, un = jnp.linalg.norm(p), jnp.linalg.norm(u)
+      ratio = jnp.where((pn == 0) | (un == 0), 1.0, trust_coefficient * pn / un)
+      return u * ratio.astype(u.dtype)
+    return jax.tree.map(scale, updates, params), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+def lars(lr, weight_decay: float, momentum: float, nesterov: bool = False):
+  """SimCLR's LARS (as `optax.lars`): weight decay and the trust ratio on weights only (not
+  biases or norm scales), then the learning rate and momentum."""
+  return optax.chain(optax.add_decayed_weights(weight_decay, mask=_decay_mask),
+                     optax.masked(scale_by_trust_ratio(), _decay_mask),
+                     optax.scale_by_learning_rate(lr),
+                     optax.trace(decay=momentum, nesterov=nesterov))
 
 
 def learning_rate_schedule(cfg, num_steps: int) -> optax.Schedule:
