@@ -150,11 +150,12 @@ def test_each_op_has_its_defining_property():
   np.testing.assert_allclose(augment.gaussian_blur(const, 1.5), const, atol=1e-6)
   assert float(jnp.std(augment.gaussian_blur(x, 1.5))) < float(jnp.std(x))
   # Crops: area fraction within its bounds, the box inside the image.
-  for i in range(200):
-    y0, x0, h, w = (float(v) for v in augment.crop_box(jax.random.PRNGKey(i), 20, 30,
-                                                       (0.08, 1.0), (3 / 4, 4 / 3)))
-    assert 0.08 - 1e-6 <= h * w / 600 <= 1.0 + 1e-6
-    assert y0 >= 0 and x0 >= 0 and y0 + h <= 20 + 1e-4 and x0 + w <= 30 + 1e-4
+  boxes = jax.vmap(lambda k: jnp.stack(augment.crop_box(k, 20, 30, (0.08, 1.0), (3 / 4, 4 / 3))))(
+      jax.random.split(jax.random.PRNGKey(0), 500))
+  y0, x0, h, w = np.asarray(boxes).T
+  assert np.all(h * w / 600 >= 0.08 - 1e-6) and np.all(h * w / 600 <= 1.0 + 1e-6)
+  assert np.all(y0 >= 0) and np.all(x0 >= 0)
+  assert np.all(y0 + h <= 20 + 1e-4) and np.all(x0 + w <= 30 + 1e-4)
   # The full-image box resamples to the image itself.
   full = augment.resized_crop(x, (0.0, 0.0, 16.0, 16.0), 16)
   np.testing.assert_allclose(full, x, atol=1e-5)
@@ -164,8 +165,8 @@ def test_grayscale_inputs_pass_the_colour_ops():
   gray1 = _images(2, 12, c=1)
   gray3 = jnp.repeat(gray1, 3, axis=-1)
   spec = augment.ViewSpec(12, jitter=1.0, gray=1.0, blur=1.0, solarize=1.0)
-  v1 = augment.make_views(jax.random.PRNGKey(0), gray1, [spec])[0]
-  v3 = augment.make_views(jax.random.PRNGKey(0), gray3, [spec])[0]
+  views = jax.jit(lambda x: augment.make_views(jax.random.PRNGKey(0), x, [spec])[0])
+  v1, v3 = views(gray1), views(gray3)
   assert v1.shape == (2, 12, 12, 1)
   # Saturation and hue leave equal channels equal; the one-channel path agrees with them.
   np.testing.assert_allclose(v3[..., 0], v3[..., 2], atol=1e-5)
@@ -239,7 +240,7 @@ def rel_err(a, b, floor=1e-2):
 
 
 @pytest.mark.parametrize("objective", ["simclr", pytest.param("byol", marks=pytest.mark.slow),
-                                       "dino"])
+                                       pytest.param("dino", marks=pytest.mark.slow)])
 def test_one_device_equals_eight_devices(tmp_path, objective):
   """Same views, global negatives, synchronised BatchNorm: 8 shards train what 1 device does."""
   states = [train.fit(ssl_config(tmp_path, objective, **{"parallel.num_devices": n}),
@@ -286,7 +287,6 @@ def test_ssl_run_writes_knn_and_finetune_loads_its_backbone(tmp_path):
                                                      ["kernel"].shape[-1], 4)
   start["params"].pop("head")
   assert rel_err(start, variables) == 0.0  # fine-tuning starts from the SSL backbone
-  assert train.fit(ft, str(tmp_path / "ft")).results["final"]["val"]["num_examples"] == 32
 
 
 def test_ssl_config_errors_name_the_key(tmp_path):
@@ -296,7 +296,22 @@ def test_ssl_config_errors_name_the_key(tmp_path):
     train.validate(ssl_config(tmp_path, "byol", **{"method.name": "l2sp", "model.init": "x"}))
 
 
-@pytest.mark.parametrize("objective", ["byol", pytest.param("dino", marks=pytest.mark.slow)])
+def test_ssl_state_round_trips_through_the_checkpoint(tmp_path):
+  """BYOL's EMA target, head statistics and the heads' optimiser state come back bit-identical
+  from the checkpoint a resumed run reads (the SIGKILL tests below do it end to end)."""
+  cfg = ssl_config(tmp_path, "byol", **{"train.num_steps": 2})
+  state = train.fit(cfg, str(tmp_path / "run")).state
+  fresh = train._Run(cfg, str(tmp_path / "run"))
+  assert fresh._resume() == 2
+  for a, b in ((fresh.state.objective_state, state.objective_state),
+               (fresh.state.params, state.params), (fresh.state.opt_state, state.opt_state)):
+    assert rel_err(a, b, floor=1e-30) == 0.0
+  assert set(state.objective_state) == {"head_stats", "target"}
+  fresh.ckpt.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", ["byol", "dino"])
 def test_ssl_resume_after_sigkill_is_bitwise(tmp_path, objective):
   """The EMA target, DINO's centre, the heads and their optimiser state are checkpointed: a run
   killed mid-way and re-run ends bit-identical to one that was never interrupted."""

@@ -42,9 +42,12 @@ def _check(res, wd, layers=LAYERS):
   assert res["similarity"] == saved["similarity"]
 
 
-@pytest.mark.parametrize("method,devices,backend", [("full_ft", 8, "shard_map"),
-                                                    ("repsim", 8, "shard_map"),
-                                                    ("l2sp", 8, "pmap")])
+# RepSim and the pmap backend from the same file are in the slow selection (and in the slow
+# weight matrix): the default one keeps the 8-device run from a torchvision file.
+@pytest.mark.parametrize("method,devices,backend", [
+    ("full_ft", 8, "shard_map"),
+    pytest.param("repsim", 8, "shard_map", marks=pytest.mark.slow),
+    pytest.param("l2sp", 8, "pmap", marks=pytest.mark.slow)])
 def test_finetune_from_torchvision_safetensors(tmp_path, shared_dir, method, devices, backend):
   before = _sha(R18)
   c = finetune_config(R18, tmp_path, method,
