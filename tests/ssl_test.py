@@ -385,3 +385,16 @@ def test_pretraining_without_labels_beats_random_init(tmp_path, objective, datas
   trained = run.train().results["final"]["val"]["knn_accuracy"]
   print(f"{objective} on {dataset}: k-NN {at_init:.3f} at init -> {trained:.3f}")
   assert trained >= at_init + margin
+
+
+def test_knn_multilabel_votes_per_label():
+  bank = np.array([[1, 0], [0.9, 0.1], [0, 1]], np.float32)
+  labels = np.array([[1, 0], [1, 1], [0, 1]])
+  q = np.array([[1, 0.05]], np.float32)
+  s = knn.knn_scores(bank, labels, q, 2, k=2, temperature=0.1, multilabel=True)
+  sims = (q / np.linalg.norm(q)) @ (bank / np.linalg.norm(bank, axis=1, keepdims=True)).T
+  w = np.exp(sims[0, :2] / 0.1)
+  np.testing.assert_allclose(s[0], (w @ labels[:2]) / w.sum(), rtol=1e-5)
+  # Label 0: both neighbours have it; label 1: only the farther one (weight < 1/2).
+  assert knn.knn_accuracy(bank, labels, q, np.array([[1, 0]]), 2, k=2, temperature=0.1,
+                          multilabel=True) == 1.0
