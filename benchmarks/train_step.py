@@ -3,7 +3,10 @@
   python benchmarks/train_step.py [--steps 10] [--models resnet18@64,resnet18@224,vit_s16@224]
       [--methods full_ft,repsim:learned,repsim:procrustes,repsim:covariance,full_ft+sim]
 
-A method spec `NAME[:q_mode[:retraction]][+sim][+nocheck]`; `+nocheck` leaves out the step's
+A method spec `NAME[:q_mode[:retraction]][+sim][+sharp][+nocheck]`; `+sharp` logs every step
+with in-step SAM sharpness (`analysis.in_step_sharpness="sam"`, default settings), so its ratio
+over the plain step, minus 1 and divided by `train.log_every` (20), is the overhead at the
+default logging cadence; `+nocheck` leaves out the step's
 finiteness check of the new parameters and BatchNorm statistics, to measure what it costs.
 Steps are timed as a run's unlogged steps are; `+sim` logs every step, with in-step similarity
 (linear CKA of every representation to the pretrained model) and the method's diagnostics, to
@@ -46,6 +49,7 @@ from repsim_jax.optim import optimizers
 def build(model_name: str, size: int, method_spec: str, batch: int):
   method_spec, nocheck = method_spec.removesuffix("+nocheck"), method_spec.endswith("+nocheck")
   checked_spec = method_spec
+  method_spec, sharp = method_spec.removesuffix("+sharp"), method_spec.endswith("+sharp")
   method_spec, sim = method_spec.removesuffix("+sim"), method_spec.endswith("+sim")
   name, *rest = method_spec.split(":")
   overrides = dict(zip(("q_mode", "retraction"), rest))
@@ -70,9 +74,13 @@ def build(model_name: str, size: int, method_spec: str, batch: int):
       nonfinite_step=np.asarray(-1, np.int32), skipped_steps=np.asarray(0, np.int32))
   dp = parallel.DataParallel("shard_map", 1)
   # Without +sim the step runs as on the steps a run does not log (diagnostics skipped).
-  log_every = 1 if sim else config_lib.train_config().train.log_every
-  step = dp.compile(train.make_train_step(model, method, tx, "multiclass", log_every,
-                                          in_step_similarity=sim))
+  log_every = 1 if (sim or sharp) else config_lib.train_config().train.log_every
+  # +sim / +sharp: the logged step as the trainer compiles it when it has in-step analyses.
+  step = dp.compile(train.make_train_step(
+      model, method, tx, "multiclass", log_every, in_step_similarity=sim,
+      in_step_sharpness="sam" if sharp else "",
+      sharpness_cfg=config_lib.train_config().analysis.sharpness,
+      diagnose=True if (sim or sharp) else None))
   state, b = dp.put_replicated(state), dp.put_batch({"image": x, "label": y})
   if nocheck:  # trace the step once with the parameter/statistics finiteness check removed
     real, train._all_finite = train._all_finite, lambda tree: True  # noqa: E731

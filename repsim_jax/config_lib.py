@@ -212,6 +212,9 @@ def train_config() -> ml_collections.ConfigDict:
   # Log linear CKA of every representation to the pretrained model on the global batch, inside
   # the jitted step, every `train.log_every` steps.
   c.analysis.in_step_similarity = False
+  # "sam" | "asam": also log the SAM-style sharpness of the global batch inside the jitted step,
+  # every `train.log_every` steps (config.analysis.sharpness: rho / asam_rho, steps, m, eta).
+  c.analysis.in_step_sharpness = ""
   # At the end of a run from pretrained weights: similarity of every layer to the pretrained model.
   c.analysis.final_similarity = True
   # Sharpness (repsim_jax.sharpness) on a fixed probe set every N steps and at the end; 0 = off.

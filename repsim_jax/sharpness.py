@@ -106,8 +106,11 @@ def _map(fn, xs, chunk_size: int | None):
 
 
 def _sam_sharpness_single(loss_fn: LossFn, params: PyTree, batch: PyTree, rho, steps: int,
-                          adaptive: bool, eta, step_size) -> jax.Array:
-  """Worst-case sharpness on one batch (no m-splitting)."""
+                          adaptive: bool, eta, step_size, axis_name=None) -> jax.Array:
+  """Worst-case sharpness on one batch (no m-splitting); with `axis_name`, of the batch split
+  over that axis (losses and gradients averaged over it)."""
+  mean = (lambda x: x) if axis_name is None else (lambda x: jax.lax.pmean(x, axis_name))
+  value_and_grad = lambda p: mean(jax.value_and_grad(loss_fn)(p, batch))  # noqa: E731
   # Work in δ-coordinates, ε = T ⊙ δ with ‖δ‖ ≤ ρ: T = 1 for SAM, T = |w| + η for ASAM. Then
   # ∇_δ L = T ⊙ g, and one normalised step from δ = 0 gives ε = ρ T² g / ‖T g‖ (the ASAM formula).
   if adaptive:
@@ -123,20 +126,19 @@ def _sam_sharpness_single(loss_fn: LossFn, params: PyTree, batch: PyTree, rho, s
     direction = optax.tree.scale(_safe_inv(optax.tree.norm(direction)), direction)
     return _project_ball(optax.tree.add(delta, optax.tree.scale(alpha, direction)), rho)
 
-  loss0, grads0 = jax.value_and_grad(loss_fn)(params, batch)
+  loss0, grads0 = value_and_grad(params)
   delta = ascent_step(jax.tree_util.tree_map(jnp.zeros_like, params), grads0)
 
   def body(_, delta):
-    grads = jax.grad(loss_fn)(optax.tree.add(params, to_eps(delta)), batch)
-    return ascent_step(delta, grads)
+    return ascent_step(delta, value_and_grad(optax.tree.add(params, to_eps(delta)))[1])
 
   delta = jax.lax.fori_loop(0, steps - 1, body, delta)
-  return loss_fn(optax.tree.add(params, to_eps(delta)), batch) - loss0
+  return mean(loss_fn(optax.tree.add(params, to_eps(delta)), batch)) - loss0
 
 
 def sam_sharpness(loss_fn: LossFn, params: PyTree, batch: PyTree, *, rho=0.05, steps: int = 1,
                   m: int | None = None, adaptive: bool = False, eta=0.01,
-                  step_size=None) -> jax.Array:
+                  step_size=None, axis_name: str | None = None) -> jax.Array:
   """SAM / ASAM sharpness `L(w + ε) − L(w)`, ε the (approximate) worst case in a ball of radius ρ.
 
   Args:
@@ -157,6 +159,9 @@ def sam_sharpness(loss_fn: LossFn, params: PyTree, batch: PyTree, *, rho=0.05, s
       k steps run the same projected ascent in the coordinates δ = ε / T_w.
     eta: η of ASAM (ignored unless `adaptive`).
     step_size: α of the k-step ascent, in the same (δ-)coordinates as ρ; None means ρ.
+    axis_name: inside a data-parallel step, the axis the batch is split over: the sharpness of
+      the whole (global) batch, its losses and ascent gradients averaged over the axis; with
+      `m`, each device's sub-batches keep their own ε and the mean is over all of them.
 
   Returns:
     Scalar sharpness in the loss dtype (the mean over sub-batches when `m` is given).
@@ -170,10 +175,11 @@ def sam_sharpness(loss_fn: LossFn, params: PyTree, batch: PyTree, *, rho=0.05, s
   single = functools.partial(_sam_sharpness_single, loss_fn, rho=rho, steps=steps,
                              adaptive=adaptive, eta=eta, step_size=step_size)
   if m is None:
-    return single(params, batch)
+    return single(params, batch, axis_name=axis_name)
   _check_positive_int("m", m)
   sub_batches = split_batch(batch, m)
-  return jnp.mean(jax.vmap(single, in_axes=(None, 0))(params, sub_batches))
+  value = jnp.mean(jax.vmap(single, in_axes=(None, 0))(params, sub_batches))
+  return value if axis_name is None else jax.lax.pmean(value, axis_name)
 
 
 def split_batch(batch: PyTree, m: int) -> PyTree:

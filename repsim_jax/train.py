@@ -56,7 +56,8 @@ def _correct(logits, labels, task: str):
 
 def make_train_step(model, method: methods_lib.Method, tx, task: str, log_every: int = 1,
                     num_steps: int = 0, in_step_similarity: bool = False,
-                    skip_nonfinite: bool = False):
+                    skip_nonfinite: bool = False, in_step_sharpness: str = "",
+                    sharpness_cfg=None, diagnose: bool | None = None):
   """Per-device `train_step(state, batch, rng) -> (state, metrics)`.
 
   The local objective is the local mean task loss plus the method's term (computed from
@@ -66,8 +67,13 @@ def make_train_step(model, method: methods_lib.Method, tx, task: str, log_every:
   On the steps the host logs (every `log_every`-th and step `num_steps`) the metrics also hold
   the method's diagnostics and, with `in_step_similarity`, `cka/<layer>`: linear CKA of every
   representation to the frozen pretrained model on the global batch, vmapped over layers of
-  equal shape. A `lax.cond` skips that work (including a pretrained forward pass the method does
-  not need) on the other steps, whose values are NaN and never read.
+  equal shape, and with `in_step_sharpness` ("sam" | "asam"), `sharpness/<kind>`: the SAM-style
+  sharpness of the global batch at the step's starting weights (BatchNorm in eval mode;
+  m-sharpness over sub-batches of `sharpness_cfg.m` when it is set). A `lax.cond` skips that
+  work (including a pretrained forward pass the method does not need) on the other steps, whose
+  values are NaN and never read. `diagnose=True / False` computes them on every step / none
+  instead, for a host that compiles a logged and an unlogged step: on XLA:CPU a convolution
+  inside a `lax.cond` branch ran 22x slower than outside one (benchmarks/train_step.py +sharp).
 
   Every step checks its loss, gradients, new parameters and BatchNorm statistics for NaN/Inf
   (fused reductions, the same on every device after the pmeans). The first bad step is recorded
@@ -123,9 +129,16 @@ def make_train_step(model, method: methods_lib.Method, tx, task: str, log_every:
       out = parallel.pmean(method.diagnostics(state.params, reps_, ref_reps))
       if in_step_similarity:
         out.update(_layerwise_cka(model, state, images, reps_, ref_reps))
+      if in_step_sharpness:
+        out[f"sharpness/{in_step_sharpness}"] = _in_step_sharpness(
+            model, task, state, {"image": images, "label": labels}, in_step_sharpness,
+            sharpness_cfg)
       return out
 
-    metrics.update(_only_if(logged(state.step + 1), diagnostics))
+    if diagnose is None:
+      metrics.update(_only_if(logged(state.step + 1), diagnostics))
+    elif diagnose:
+      metrics.update(diagnostics())
     return new_state, metrics
 
   return train_step
@@ -209,6 +222,15 @@ def _only_if(pred, fn):
     return {}
   nans = lambda: jax.tree.map(lambda s: jnp.full(s.shape, jnp.nan, s.dtype), shapes)  # noqa: E731
   return jax.lax.cond(pred, fn, nans)
+
+
+def _in_step_sharpness(model, task, state, batch, kind: str, cfg):
+  loss_fn = jax.tree_util.Partial(evaluation.eval_loss, model, task, state.batch_stats)
+  adaptive = kind == "asam"
+  return sharpness.sam_sharpness(
+      loss_fn, state.params["model"], batch, rho=cfg.asam_rho if adaptive else cfg.rho,
+      steps=cfg.asam_steps if adaptive else cfg.sam_steps, m=cfg.m or None, adaptive=adaptive,
+      eta=cfg.eta, axis_name=AXIS)
 
 
 def _layerwise_cka(model, state, images, reps, ref_reps):
@@ -407,14 +429,19 @@ class _Run:
     writer = metric_writers.MetricWriter(self.workdir, tensorboard=cfg.train.tensorboard,
                                          resume_step=start, keep_rows=self.metrics_rows)
     if self.objective:
-      p_train = dp.compile(make_ssl_train_step(self.model, self.objective, self.tx,
-                                               tuple(cfg.data.mean), tuple(cfg.data.std),
-                                               cfg.train.skip_nonfinite_steps))
+      p_train = p_logged = dp.compile(make_ssl_train_step(
+          self.model, self.objective, self.tx, tuple(cfg.data.mean), tuple(cfg.data.std),
+          cfg.train.skip_nonfinite_steps))
     else:
-      p_train = dp.compile(make_train_step(self.model, self.method, self.tx, info.task,
-                                           cfg.train.log_every, num_steps,
-                                           cfg.analysis.in_step_similarity,
-                                           cfg.train.skip_nonfinite_steps))
+      # In-step analyses (model forward and backward passes) get a step of their own for the
+      # logged steps rather than a lax.cond branch (slow on XLA:CPU, see make_train_step).
+      split = bool(cfg.analysis.in_step_similarity or cfg.analysis.in_step_sharpness)
+      make = lambda diagnose: dp.compile(make_train_step(  # noqa: E731
+          self.model, self.method, self.tx, info.task, cfg.train.log_every, num_steps,
+          cfg.analysis.in_step_similarity, cfg.train.skip_nonfinite_steps,
+          cfg.analysis.in_step_sharpness, cfg.analysis.sharpness, diagnose))
+      p_train = make(False if split else None)
+      p_logged = make(True) if split else p_train
     p_eval = dp.compile(evaluation.make_step(self.model), donate_state=False, sharded_out=True)
     p_features = dp.compile(evaluation.make_step(self.model, ("pre_logits",)),
                             donate_state=False, sharded_out=True)
@@ -467,11 +494,12 @@ class _Run:
     elapsed = lambda: self.train_seconds + time.perf_counter() - t0  # noqa: E731
     for step in range(start + 1, num_steps + 1):
       batch = next(self.train_iter)
-      state, m = p_train(state, dp.put_batch({"image": batch["image"], "label": batch["label"]}),
-                         rng_dev)
+      logs = step % cfg.train.log_every == 0 or step == num_steps
+      state, m = (p_logged if logs else p_train)(
+          state, dp.put_batch({"image": batch["image"], "label": batch["label"]}), rng_dev)
       if step == start + 1:
         progress.reset_clock(step)
-      if step % cfg.train.log_every == 0 or step == num_steps:
+      if logs:
         m = {k: float(v) for k, v in dp.get_replicated(m).items()}
         self._check_finite(state, step)
         m["lr"] = float(self.schedule(step - 1))
@@ -561,7 +589,8 @@ def validate(cfg) -> None:
   config_lib.check_choice(cfg, "objective", ssl.NAMES)
   if cfg.objective != "supervised":
     for key, plain in (("method.name", "full_ft"), ("analysis.sharpness_every", 0),
-                       ("analysis.in_step_similarity", False)):
+                       ("analysis.in_step_similarity", False),
+                       ("analysis.in_step_sharpness", "")):
       if config_lib.lookup(cfg, key) != plain:
         raise ValueError(f"config.{key}={config_lib.lookup(cfg, key)!r}: SSL pretraining "
                          f"(config.objective={cfg.objective!r}) needs {plain!r}; fine-tuning "
@@ -590,6 +619,13 @@ def validate(cfg) -> None:
     raise ValueError("config.parallel.backend='pmap' with config.method.q_mode='covariance' "
                      "crashes XLA:CPU; use config.parallel.backend=shard_map (the default)")
   sharpness.check_config(cfg.analysis.sharpness, "config.analysis.sharpness")
+  config_lib.check_choice(cfg, "analysis.in_step_sharpness", ("", "sam", "asam"))
+  m = cfg.analysis.sharpness.get("m", 0)
+  devices = cfg.parallel.num_devices if cfg.parallel.num_devices > 0 else jax.device_count()
+  if cfg.analysis.in_step_sharpness and m and (cfg.train.batch_size // devices) % m:
+    raise ValueError(f"config.analysis.sharpness.m={m}: in-step sharpness splits each device's "
+                     f"{cfg.train.batch_size // devices} examples into sub-batches of m; pick a "
+                     "divisor")
   unused = methods_lib.unused_keys(cfg.method)
   if unused and jax.process_index() == 0:
     print(f"warning: config.method.{unused[0]}={cfg.method[unused[0]]!r}"

@@ -193,3 +193,32 @@ def test_two_processes_of_four_devices_equal_one_process(tmp_path):
   assert saved["final"]["test"]["num_examples"] == 64
   assert saved["final"]["test"]["accuracy"] == pytest.approx(
       single.results["final"]["test"]["accuracy"], abs=1 / 64 + 1e-9)
+
+
+def test_in_step_sharpness_equals_sam_sharpness_on_the_global_batch(tmp_path):
+  """`sharpness/sam` logged at step 1 is `sharpness.sam_sharpness` of the starting weights on
+  the first global batch (BatchNorm in eval mode), on 1 device and on 8."""
+  from repsim_jax import data, evaluation, sharpness
+  logged = []
+  for n in (1, 8):
+    cfg = tiny_config(tmp_path, **{"parallel.num_devices": n, "train.num_steps": 1,
+                                   "train.log_every": 1, "train.checkpoint_every": 0,
+                                   "train.eval_splits": (), "analysis.in_step_sharpness": "sam"})
+    run = train._Run(cfg, str(tmp_path / f"run{n}"))
+    start = run.state
+    run.train()
+    rows = [json.loads(l) for l in open(tmp_path / f"run{n}" / "metrics.jsonl")]
+    logged.append(next(r for r in rows if r["split"] == "train")["sharpness/sam"])
+  batch = next(data.make_iters(cfg, run.splits, run.info, seed=cfg.seed)[0])
+  loss_fn = jax.tree_util.Partial(evaluation.eval_loss, run.model, run.info.task,
+                                  start.batch_stats)
+  want = float(sharpness.sam_sharpness(loss_fn, start.params["model"],
+                                       {"image": batch["image"], "label": batch["label"]},
+                                       rho=cfg.analysis.sharpness.rho))
+  assert want > 0
+  assert logged[0] == pytest.approx(want, rel=1e-4)
+  assert logged[1] == pytest.approx(want, rel=1e-4)
+  bad = tiny_config(tmp_path, **{"analysis.in_step_sharpness": "sam"})
+  bad.analysis.sharpness.m = 5
+  with pytest.raises(ValueError, match=r"config.analysis.sharpness.m=5"):
+    train.validate(bad)
