@@ -101,7 +101,7 @@ def _expected_reps(name, n, s):
           "block3": (n, s // 8, s // 8, 64), "pre_logits": (n, 64)}
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", [n for n in MODEL_NAMES if not n.startswith("vit_l14")])
 def test_reps_keys_order_and_shapes(name):
   size = 28 if "14" in name else 32  # a multiple of the patch
   kw = {"image_size": size} if name.startswith("vit") else {}
