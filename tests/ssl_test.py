@@ -271,6 +271,7 @@ def test_target_is_the_ema_of_the_updated_online_network(tmp_path, objective):
     assert float(np.abs(after.objective_state["center"]).max()) > 0  # the centre moved
 
 
+@pytest.mark.slow  # the command-line test runs the same path (pretrain, then finetune from it)
 def test_ssl_run_writes_knn_and_finetune_loads_its_backbone(tmp_path):
   cfg = ssl_config(tmp_path, "simclr", **{"train.eval_every": 2, "train.num_steps": 4})
   wd = str(tmp_path / "simclr")

@@ -195,6 +195,7 @@ def test_two_processes_of_four_devices_equal_one_process(tmp_path):
       single.results["final"]["test"]["accuracy"], abs=1 / 64 + 1e-9)
 
 
+@pytest.mark.slow
 def test_in_step_sharpness_equals_sam_sharpness_on_the_global_batch(tmp_path):
   """`sharpness/sam` logged at step 1 on 8 devices is `sharpness.sam_sharpness` of the starting
   weights on the whole first global batch (BatchNorm in eval mode), computed on one device."""
