@@ -17,10 +17,8 @@ Rounds alternate the runners (see train_step.py) and ratios are medians of per-r
 from __future__ import annotations
 
 import argparse
-import atexit
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -29,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_step import paired_ratio, step_time, time_interleaved  # noqa: E402
+from train_step import paired_ratio, served, step_time, time_interleaved  # noqa: E402
 
 from repsim_jax import config_lib, models, parallel, ssl, train  # noqa: E402
 from repsim_jax.cpu import host  # noqa: E402
@@ -80,19 +78,7 @@ def jax_runners(objective: str, model_name: str, size: int, batch: int):
 def torch_runner(python: str, objective: str, model_name: str, size: int, batch: int):
   """Times n eager PyTorch + lightly steps in a process of its own; None where it cannot run."""
   script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_ssl_reference.py")
-  proc = subprocess.Popen([python, script, objective, model_name, str(size), str(batch)],
-                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-  if proc.stdout.readline().strip() != "ready":  # it has said why on stderr
-    proc.wait()
-    return None
-  atexit.register(proc.kill)
-
-  def run(n):
-    proc.stdin.write(f"{n}\n")
-    proc.stdin.flush()
-    return json.loads(proc.stdout.readline())
-
-  return run
+  return served([python, script, objective, model_name, str(size), str(batch)])
 
 
 @host.single_threaded_blas()

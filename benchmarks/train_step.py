@@ -113,11 +113,17 @@ def torch_runner(model_name, size, batch):
   if importlib.util.find_spec("torch") is None:
     return None
   device = "cuda" if jax.default_backend() == "gpu" else "cpu"
-  proc = subprocess.Popen(
-      [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                    "torch_reference.py"), model_name, str(size), str(batch), device],
-      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-  if proc.stdout.readline().strip() != "ready":  # no reference for this model: it has said why
+  run = served([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                             "torch_reference.py"),
+                model_name, str(size), str(batch), device])
+  return None if run is None else (run, device)
+
+
+def served(cmd):
+  """Starts a reference process that prints `ready` (or says why not and exits), then answers
+  each line `N` with a JSON list of N step times; returns a function of N, or None."""
+  proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+  if proc.stdout.readline().strip() != "ready":
     proc.wait()
     return None
   atexit.register(proc.kill)
@@ -127,7 +133,7 @@ def torch_runner(model_name, size, batch):
     proc.stdin.flush()
     return json.loads(proc.stdout.readline())
 
-  return run, device
+  return run
 
 
 def time_interleaved(runners: dict, steps: int, rounds: int) -> dict:

@@ -16,6 +16,7 @@ import pytest
 
 from repsim_jax import checkpoint, config_lib, evaluation, parallel, train
 from repsim_jax.ssl import augment, knn, losses, objectives
+from train_test import set_keys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -221,13 +222,7 @@ def ssl_config(tmp_path, objective, **overrides):
   c.train.eval_splits = ("val",)
   c.train.tensorboard = False
   c.parallel.num_devices = 1
-  for k, v in overrides.items():
-    node = c
-    *parents, leaf = k.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = v
-  return c
+  return set_keys(c, overrides)
 
 
 def rel_err(a, b, floor=1e-2):

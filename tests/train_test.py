@@ -38,6 +38,11 @@ def tiny_config(tmp_path, **overrides):
   c.train.checkpoint_every = 10
   c.train.tensorboard = False
   c.parallel.num_devices = 1
+  return set_keys(c, overrides)
+
+
+def set_keys(c, overrides: dict):
+  """`c` with each dotted key of `overrides` set (e.g. {"train.num_steps": 3})."""
   for k, v in overrides.items():
     node = c
     *parents, leaf = k.split(".")
