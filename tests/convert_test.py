@@ -404,8 +404,8 @@ def test_moco_checkpoints_keep_the_query_encoder_and_drop_heads(tmp_path):
 
 
 def test_dino_training_checkpoint_reads_the_teacher(tmp_path):
-  """dino_resnet_small.pth (torch.save): {"student": DDP keys, "teacher": ...}, teacher =
-  the fixture's weights, student = teacher + 1."""
+  """dino_resnet_small.pth (torch.save): {"student": DDP keys, "teacher": ...}; teacher = the
+  fixture's weights with a DINO head, student only a first conv + 1 (reading it would fail)."""
   state = dict(np.load(os.path.join(OURS, "resnet_small_torchvision.npz")))
   save_file({k: v for k, v in state.items() if not k.startswith("fc.")},
             str(tmp_path / "plain.safetensors"))

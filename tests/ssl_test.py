@@ -4,10 +4,8 @@ import itertools
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +14,7 @@ import pytest
 
 from repsim_jax import checkpoint, config_lib, evaluation, parallel, train
 from repsim_jax.ssl import augment, knn, losses, objectives
-from train_test import set_keys
+from train_test import kill_after_checkpoint, set_keys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -325,16 +323,7 @@ def test_ssl_resume_after_sigkill_is_bitwise(tmp_path, objective):
   cmd = lambda wd: [sys.executable, "-m", "repsim_jax.main", *common, f"--workdir={wd}"]  # noqa: E731
   full, killed = tmp_path / "full", tmp_path / "killed"
   subprocess.run(cmd(full), check=True, cwd=REPO, env=env, capture_output=True, timeout=600)
-  proc = subprocess.Popen(cmd(killed), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
-  ckpts, deadline = killed / "checkpoints", time.time() + 300
-  while time.time() < deadline and proc.poll() is None:
-    if ckpts.is_dir() and any(d.isdigit() and int(d) >= 10 for d in os.listdir(ckpts)):
-      break
-    time.sleep(0.02)
-  assert proc.poll() is None, "the run finished before it could be killed; make it longer"
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
+  kill_after_checkpoint(cmd(killed), killed, 10, env)
   assert checkpoint.Checkpointer(str(killed)).latest_step() < 30
   out = subprocess.run(cmd(killed), check=True, cwd=REPO, env=env, capture_output=True,
                        text=True, timeout=600)

@@ -113,18 +113,7 @@ def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
   subprocess.run(cmd(full), check=True, cwd=REPO, env=env, capture_output=True, timeout=600)
 
   killed = tmp_path / "killed"
-  proc = subprocess.Popen(cmd(killed), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
-  ckpts = killed / "checkpoints"
-  deadline = time.time() + 300
-  while time.time() < deadline and proc.poll() is None:
-    done = [d for d in os.listdir(ckpts)] if ckpts.is_dir() else []
-    if any(d.isdigit() and int(d) >= 15 for d in done):
-      break
-    time.sleep(0.05)
-  assert proc.poll() is None, "the run finished before it could be killed; make it longer"
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
+  kill_after_checkpoint(cmd(killed), killed, 15, env)
   assert checkpoint.Checkpointer(str(killed)).latest_step() < 40
   out = subprocess.run(cmd(killed), check=True, cwd=REPO, env=env, capture_output=True,
                        text=True, timeout=600)
@@ -132,6 +121,21 @@ def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
   a = checkpoint.load_run_variables(str(full))
   b = checkpoint.load_run_variables(str(killed))
   assert max_rel_err(b, a) == 0.0
+
+
+def kill_after_checkpoint(cmd, workdir, step: int, env) -> None:
+  """Runs `cmd`, SIGKILLs it once a checkpoint of `step` or later is on disk."""
+  proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  ckpts = workdir / "checkpoints"
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    if ckpts.is_dir() and any(d.isdigit() and int(d) >= step for d in os.listdir(ckpts)):
+      break
+    time.sleep(0.02)
+  assert proc.poll() is None, "the run finished before it could be killed; make it longer"
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):

@@ -8,6 +8,8 @@ runs after the optimiser step (the EMA sees the new online weights, as in BYOL a
 
 from __future__ import annotations
 
+import abc
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -49,19 +51,27 @@ def _spec(cfg, size: int, **kw) -> augment.ViewSpec:
                           saturation=d.saturation * st, hue=min(0.5, d.hue * st), **kw)
 
 
-class Objective:
-  """The interface; `supervised` is the trainer's own step and has no objective object."""
+class Objective(abc.ABC):
+  """The interface; `supervised` is the trainer's own step and has no objective object.
+  Subclasses give `view_specs`, `heads` and `loss`, and `init_state` / `update_state` when
+  they keep more than the heads' BatchNorm statistics."""
   name = ""
 
   def __init__(self, cfg, image_size: int, num_steps: int, multiple: int = 1):
     self.cfg, self.image_size, self.num_steps = cfg, image_size, num_steps
     self.multiple = multiple  # crop sides must be multiples of this (a ViT's patch)
 
+  @abc.abstractmethod
   def view_specs(self) -> list[augment.ViewSpec]:
-    raise NotImplementedError
+    """The views of every example, global ones first."""
 
+  @abc.abstractmethod
   def heads(self) -> dict:
-    raise NotImplementedError
+    """{name: flax module} on the backbone's pre_logits (BYOL's predictor on the projector)."""
+
+  @abc.abstractmethod
+  def loss(self, model, params, model_stats, state, views, step):
+    """(loss, aux) inside the per-device step; aux holds the new BatchNorm statistics."""
 
   def init(self, rng, model_variables: dict, feature_dim: int):
     """(head parameters, objective state) for a backbone with these variables."""
