@@ -131,6 +131,12 @@ def data_config() -> ml_collections.ConfigDict:
   d.keep_classes = ()          # single-label data: only these class ids, renumbered 0..k-1 in
                                # this order (e.g. (0, 4): a binary task from two classes)
   d.group_column = "patient"   # image_folder: patient ids (splits and folds keep a patient whole)
+  # The train split only, after folds: a seeded class-wise subset (data scarcity, imposed
+  # imbalance), val and test untouched. fraction of each class; imbalance r >= 1: geometric
+  # class sizes, the first class r times the last (0 = as stored).
+  d.train_fraction = 1.0
+  d.train_imbalance = 0.0
+  d.subsample_seed = 0
   d.folds = 0                  # k-fold: train + val pooled, fold `fold` of k is val; 0 = off
   d.fold = 0
   d.fold_seed = 0
@@ -217,6 +223,15 @@ def train_config() -> ml_collections.ConfigDict:
   c.analysis.in_step_sharpness = ""
   # At the end of a run from pretrained weights: similarity of every layer to the pretrained model.
   c.analysis.final_similarity = True
+  # Also at every evaluation (split "similarity" in metrics.jsonl): the trajectories of DESIGN §9.
+  c.analysis.eval_similarity = False
+  # A labelled *source* task (a data config; source "" = off). At every evaluation: k-NN
+  # (ssl.knn_k, ssl.knn_temperature) and linear-probe accuracy of the backbone's pre_logits on
+  # its val split, the first `source_bank_size` train examples voting / fitting (split "source"):
+  # how much of the pretrained ability survives fine-tuning. Its input shape must be the target's.
+  c.analysis.source_data = data_config()
+  c.analysis.source_data.source = ""
+  c.analysis.source_bank_size = 2000
   # Sharpness (repsim_jax.sharpness) on a fixed probe set every N steps and at the end; 0 = off.
   c.analysis.sharpness_every = 0
   c.analysis.probe_batches = 2

@@ -49,7 +49,7 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray, task: str) ->
   """Metrics for `task` from logits (N, C) and integer labels (N,) or multi-hot (N, L).
 
   multiclass / ordinal / binary (softmax over C outputs): accuracy, balanced accuracy, macro F1,
-  macro one-vs-rest AUC (binary: the AUC of the positive class). multilabel (sigmoid): mean
+  macro one-vs-rest AUC (binary: the AUC of the positive class), expected calibration error. multilabel (sigmoid): mean
   per-label accuracy at 0.5, macro AUC and one `auc_<i>` per label.
   """
   logits = np.asarray(logits, np.float64)
@@ -82,4 +82,19 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray, task: str) ->
   return {"accuracy": float(np.mean(pred == labels)),
           "balanced_accuracy": float(np.mean(recalls)),
           "f1": float(np.mean(f1s)),
-          "auc": float(auc)}
+          "auc": float(auc),
+          "ece": expected_calibration_error(probs, labels)}
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, num_bins: int = 15) -> float:
+  """Top-label ECE (Guo et al. 2017): examples binned by confidence (the largest probability)
+  into `num_bins` equal-width bins of (0, 1]; Σ_b |B_b|/n · |accuracy(B_b) − confidence(B_b)|."""
+  probs = np.asarray(probs, np.float64)
+  conf, correct = probs.max(-1), probs.argmax(-1) == np.asarray(labels)
+  # Bin b holds confidences in (b/num_bins, (b+1)/num_bins].
+  bins = np.clip(np.ceil(conf * num_bins).astype(int) - 1, 0, num_bins - 1)
+  total = 0.0
+  for b in np.unique(bins):
+    sel = bins == b
+    total += sel.sum() * abs(correct[sel].mean() - conf[sel].mean())
+  return float(total / max(len(conf), 1))

@@ -25,7 +25,7 @@ import optax
 
 from repsim_jax import checkpoint as ckpt_lib, evaluation
 from repsim_jax import config_lib, data, metric_writers, models, parallel
-from repsim_jax import cpu, io, progress as progress_lib, runs, sharpness, similarity, ssl
+from repsim_jax import cpu, io, probes, progress as progress_lib, runs, sharpness, similarity, ssl
 from repsim_jax import methods as methods_lib
 from repsim_jax.optim import optimizers
 
@@ -344,6 +344,10 @@ class _Run:
     variables.setdefault("batch_stats", {})
     self.init_variables = variables
 
+    self.source_eval = None
+    if cfg.analysis.source_data.source:
+      self.source_eval = _source_task(cfg, data.input_shape(cfg, info))
+
     self.method = method = methods_lib.get_method(cfg.method)
     # SSL: the host only decodes and batches ([0, 1] pixels); the step makes the views.
     self.train_iter, self.eval_iter_fn = data.make_iters(cfg, splits, info, seed=cfg.seed,
@@ -475,7 +479,30 @@ class _Run:
                                  cfg.ssl.knn_temperature, info.task == "multilabel")
       return {"knn_accuracy": acc, "num_examples": int(query["label"].shape[0])}
 
-    def run_eval(state, step):
+    def source_quality(variables):
+      # DESIGN §9: the source task through the current backbone (its train split votes / fits).
+      eval_iter, src_info = self.source_eval
+      feats = lambda s, cap: evaluation.run(  # noqa: E731
+          dp, p_features, variables, eval_iter(s), max_examples=cap,
+          desc=f"{progress.name}source {s}")
+      bank, query = feats("train", cfg.analysis.source_bank_size), feats("val", 0)
+      return probes.quality(bank["pre_logits"], bank["label"], query["pre_logits"],
+                            query["label"], src_info.num_classes, k=cfg.ssl.knn_k,
+                            temperature=cfg.ssl.knn_temperature)
+
+    def similarity(state, step):
+      # Every representation against the initial (pretrained) weights, on config.analysis.split.
+      split = cfg.analysis.split if cfg.analysis.split in splits else "val"
+      sim = evaluation.similarity_to(
+          dp, self.model, {"params": state.params["model"], "batch_stats": state.batch_stats},
+          {"params": self.init_variables["params"],
+           "batch_stats": self.init_variables["batch_stats"]},
+          lambda: self.eval_iter_fn(split), cfg.analysis.measures, cfg.analysis.max_examples)
+      writer.write(step, "similarity", {f"{m}/{k}": v for m, d in sim.items()
+                                        for k, v in d.items()})
+      return sim
+
+    def run_eval(state, step, final=False):
       row = {}
       variables = {"params": state.params["model"], "batch_stats": state.batch_stats}
       for split in cfg.train.eval_splits:
@@ -486,8 +513,15 @@ class _Run:
                                   desc=f"{progress.name}eval {split}")
         writer.write(step, split, m)
         row[split] = m
+      if self.source_eval:
+        row["source"] = source_quality(variables)
+        writer.write(step, "source", row["source"])
+      sim = {}
+      if cfg.model.init and (cfg.analysis.eval_similarity or
+                             (final and cfg.analysis.final_similarity)):
+        sim = similarity(dp.get_replicated(state), step)
       self.history.append({"step": step, **row})
-      return row
+      return row, sim
 
     step = start
     t0 = time.perf_counter()
@@ -514,22 +548,10 @@ class _Run:
         self._save(state, step, elapsed(), writer.rows)
     if self.last_saved != num_steps:
       self._save(state, num_steps, elapsed(), writer.rows)
-    final = run_eval(state, num_steps)
+    final, sim = run_eval(state, num_steps, final=True)
     if probe:
       final["sharpness"] = run_sharpness(state, num_steps)
     host_state = dp.get_replicated(state)
-    sim = {}
-    if cfg.model.init and cfg.analysis.final_similarity:
-      # Every representation against the initial (pretrained) weights, on config.analysis.split.
-      split = cfg.analysis.split if cfg.analysis.split in splits else "val"
-      sim = evaluation.similarity_to(
-          dp, self.model, {"params": host_state.params["model"],
-                           "batch_stats": host_state.batch_stats},
-          {"params": self.init_variables["params"],
-           "batch_stats": self.init_variables["batch_stats"]},
-          lambda: self.eval_iter_fn(split), cfg.analysis.measures, cfg.analysis.max_examples)
-      writer.write(num_steps, "similarity", {f"{m}/{k}": v for m, d in sim.items()
-                                            for k, v in d.items()})
     writer.close()
     results = {"step": num_steps, "model": cfg.model.name, "objective": cfg.objective,
                "method": cfg.method.name,
@@ -540,6 +562,23 @@ class _Run:
       io.write_text(os.path.join(self.workdir, "results.json"),
                                    json.dumps(results, indent=2, default=float) + "\n")
     return Outcome(results, host_state)
+
+
+def _source_task(cfg, shape):
+  """(eval_iter, info) of `config.analysis.source_data`, checked against the model's input."""
+  src = ml_collections.ConfigDict(cfg.to_dict())
+  src.data = cfg.analysis.source_data
+  splits, info = data.load_dataset(src.data)
+  if info.task not in ("multiclass", "binary", "ordinal"):
+    raise ValueError(f"config.analysis.source_data: a {info.task} task; the k-NN and linear "
+                     "probes need single-label classes")
+  for split in ("train", "val"):
+    if split not in splits:
+      raise ValueError(f"config.analysis.source_data: no {split!r} split (both are needed)")
+  if data.input_shape(src, info) != shape:
+    raise ValueError(f"config.analysis.source_data: the model sees {data.input_shape(src, info)} "
+                     f"images from it but {shape} from config.data; set its image_size / channels")
+  return data.make_iters(src, splits, info, seed=cfg.seed)[1], info
 
 
 def check_splits(cfg, splits) -> None:

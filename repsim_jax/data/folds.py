@@ -1,8 +1,10 @@
-"""k-fold cross-validation splits: stratified, and grouped by patient where the data have ids.
+"""Subsets of splits: k-fold cross-validation (stratified, and grouped by patient where the data
+have ids), and class-wise subsamples of the train split (data scarcity, imposed imbalance).
 
 `kfold(splits, k, fold, seed)` pools train and val and returns fold `fold` of k as val, the
 rest as train; the test split is untouched. A source with `.groups` (image folders with a
-patient column) is split so that no patient is in two folds.
+patient column) is split so that no patient is in two folds. `subsample(train, fraction,
+imbalance, seed)` keeps a seeded subset of each class.
 """
 
 from __future__ import annotations
@@ -92,3 +94,34 @@ def kfold(splits: dict, k: int, fold: int, seed: int) -> dict:
     else:
       out[name] = Subset(pool, idx)
   return out
+
+
+def subsample_counts(counts, fraction: float = 1.0, imbalance: float = 0.0) -> np.ndarray:
+  """How many examples of each class to keep. `imbalance` r >= 1: geometric class sizes with
+  the first class r times the last (as the synthetic generator draws them), the largest such
+  sizes the stored counts allow; 0 keeps the stored proportions. Then `fraction` of each,
+  at least one per class."""
+  counts = np.asarray(counts, np.int64)
+  target = counts.astype(np.float64)
+  if imbalance:
+    k = len(counts)
+    w = float(imbalance) ** (-np.arange(k) / max(k - 1, 1))
+    target = w * np.min(counts / w)
+  return np.minimum(counts, np.maximum(1, np.floor(target * fraction + 1e-9))).astype(np.int64)
+
+
+def subsample(source, fraction: float, imbalance: float, seed: int):
+  """A seeded class-wise random subset of a single-label split (`subsample_counts` per class;
+  the examples kept at a smaller fraction are among those kept at a larger one)."""
+  labels = np.asarray(source.labels).reshape(len(source), -1)
+  if labels.shape[1] != 1:
+    raise ValueError("train_fraction / train_imbalance: need single-label data")
+  labels = labels[:, 0]
+  classes, counts = np.unique(labels, return_counts=True)
+  keep = subsample_counts(counts, fraction, imbalance)
+  rng = np.random.default_rng(seed)
+  idx = np.sort(np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:n]
+                                for c, n in zip(classes, keep)]))
+  if isinstance(source, ArraySource):
+    return ArraySource(source.images[idx], source.labels[idx], source.name)
+  return Subset([source], idx)

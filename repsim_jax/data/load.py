@@ -56,6 +56,18 @@ def _load(cfg) -> tuple[dict[str, Any], DatasetInfo]:
   if int(c.get("folds") or 0):
     from repsim_jax.data import folds  # pylint: disable=g-import-not-at-top
     splits = folds.kfold(splits, int(c["folds"]), int(c["fold"]), int(c["fold_seed"]))
+  fraction, imbalance = float(c["train_fraction"]), float(c["train_imbalance"])
+  if not 0 < fraction <= 1:
+    raise ValueError(f"config.data.train_fraction={fraction}: expected 0 < fraction <= 1")
+  if imbalance and imbalance < 1:
+    raise ValueError(f"config.data.train_imbalance={imbalance}: expected 0 (as stored) or a "
+                     "largest/smallest class ratio >= 1")
+  if fraction < 1 or imbalance:
+    from repsim_jax.data import folds  # pylint: disable=g-import-not-at-top
+    if info.task == "multilabel":
+      raise ValueError("config.data.train_fraction / train_imbalance: need single-label data")
+    splits = {**splits, "train": folds.subsample(splits["train"], fraction, imbalance,
+                                                 int(c["subsample_seed"]))}
   conf = c.get("confounder") or {}
   conf = conf.to_dict() if hasattr(conf, "to_dict") else dict(conf)
   if conf.get("kind"):
