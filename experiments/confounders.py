@@ -21,7 +21,6 @@ identity, so a killed study re-runs only what is missing.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import itertools
 import math
@@ -31,9 +30,8 @@ import sys
 import numpy as np
 import pandas as pd
 
-from repsim_jax import config_lib, io
+from repsim_jax import config_lib, io, studies
 from repsim_jax.cpu import host
-from repsim_jax.jobs import default as default_run
 
 TESTS = {"iid": "test", "ood": "test_ood", "clean": "test_clean"}
 
@@ -54,7 +52,8 @@ SETTINGS = {
         target=dict(source="medmnist", name="pneumoniamnist", size=224),
         model="resnet50", sources="imagenet=weights/r50.safetensors,random=",
         kinds="tag,patch,lowpass,noise", ps="0,0.1,0.2,0.5,0.8,1", folds=5,
-        methods="full_ft,repsim", pretrain_steps=0, finetune_steps=2000, batch=64),
+        methods="full_ft,repsim", pretrain_steps=0, finetune_steps=2000, batch=64,
+        data_dir="data"),
 }
 
 
@@ -69,23 +68,20 @@ def parse_sources(spec: str) -> dict[str, str]:
   return out
 
 
-def pretrain_source(kind: str, s: dict, workdir: str, data_dir: str) -> str:
-  """A supervised pretraining run on a synthetic source of this kind (once); its run dir."""
+def pretrain_source(kind: str, s: dict, data_dir: str):
+  """The config of a supervised pretraining run on a synthetic source of this kind."""
   c = config_lib.train_config()
-  c.name = f"pretrain_{kind}"
   c.data.name, c.data.size, c.data.data_dir = kind, s["target"]["size"], data_dir
   c.data.num_classes = 8
   c.data.train_size, c.data.val_size, c.data.test_size, c.data.difficulty = 4000, 400, 400, 0.1
   c.model.name = s["model"]
   c.train.num_steps, c.train.batch_size, c.train.eval_splits = s["pretrain_steps"], s["batch"], ("val",)
   c.optim.lr = 0.1
-  run_dir, _ = default_run.stage(c, os.path.join(workdir, "sources"), c.name)
-  return run_dir
+  return c
 
 
 def finetune_config(s, init, kind, p, fold, method, data_dir, seed=0):
   c = config_lib.train_config()
-  c.name = f"{method}_{kind}_p{p:g}_fold{fold}"
   c.seed = seed
   c.data.update(copy.deepcopy(s["target"]))
   c.data.data_dir = data_dir
@@ -103,23 +99,25 @@ def finetune_config(s, init, kind, p, fold, method, data_dir, seed=0):
 
 def run_study(workdir: str, setting: str = "small", data_dir: str = "", **override) -> pd.DataFrame:
   s = {**SETTINGS[setting], **{k: v for k, v in override.items() if v not in (None, "")}}
-  data_dir = data_dir or os.path.join(workdir, "data")
+  data_dir = data_dir or s["data_dir"] or os.path.join(workdir, "data")
   sources = parse_sources(s["sources"])
-  inits = {name: (pretrain_source(init.split(":", 1)[1], s, workdir, data_dir)
-                  if init.startswith("pretrain:") else init) for name, init in sources.items()}
-  kinds = s["kinds"].split(",")
-  ps = [float(p) for p in str(s["ps"]).split(",")]
-  methods = s["methods"].split(",")
-  rows = []
+  trained = studies.sources(workdir, {
+      f"pretrain_{init.split(':', 1)[1]}": pretrain_source(init.split(":", 1)[1], s, data_dir)
+      for init in sources.values() if init.startswith("pretrain:")})
+  inits = {name: trained.get(f"pretrain_{init.split(':', 1)[-1]}", init)
+           for name, init in sources.items()}
+  plan = []
   for (name, init), kind, p, fold, method in itertools.product(
-      inits.items(), kinds, ps, range(int(s["folds"])), methods):
+      inits.items(), studies.csv_list(s["kinds"]), studies.csv_list(s["ps"], float),
+      range(int(s["folds"])), studies.csv_list(s["methods"])):
     if method != "full_ft" and not init:
       continue  # a method that keeps the pretrained representation needs one
-    cfg = finetune_config(s, init, kind, p, fold, method, data_dir)
-    run_dir, res = default_run.stage(cfg, os.path.join(workdir, "runs", name), cfg.name)
-    rows.append({"source": name, "method": method, "kind": kind, "p": p, "fold": fold,
-                 **{f"auc_{t}": res["final"][split]["auc"] for t, split in TESTS.items()},
-                 "run": os.path.relpath(run_dir, workdir)})
+    plan.append(studies.Run(finetune_config(s, init, kind, p, fold, method, data_dir),
+                            {"method": method, "kind": kind, "p": p, "fold": fold},
+                            os.path.join("runs", name)))
+  rows = [{"source": os.path.basename(run.group), **run.key,
+           **{f"auc_{t}": res["final"][split]["auc"] for t, split in TESTS.items()},
+           "run": res["run_dir"]} for run, res in zip(plan, studies.execute(workdir, plan))]
   df = pd.DataFrame(rows)
   write_outputs(df, workdir)
   return df
@@ -223,20 +221,9 @@ def plot_auc(df: pd.DataFrame, path: str) -> None:
 
 
 def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--workdir", required=True)
-  ap.add_argument("--setting", default="small", choices=sorted(SETTINGS))
-  ap.add_argument("--data_dir", default="")
-  for key in ("sources", "kinds", "ps", "methods", "model"):
-    ap.add_argument(f"--{key}", default=None)
-  for key in ("folds", "finetune_steps", "pretrain_steps", "batch"):
-    ap.add_argument(f"--{key}", type=int, default=None)
-  a = ap.parse_args(argv)
-  df = run_study(a.workdir, a.setting, a.data_dir,
-                 **{k: getattr(a, k) for k in ("sources", "kinds", "ps", "methods", "model",
-                                               "folds", "finetune_steps", "pretrain_steps",
-                                               "batch")})
-  print(open(os.path.join(a.workdir, "report.md")).read())
+  workdir, s = studies.parse_settings(__doc__, SETTINGS, argv)
+  df = run_study(workdir, **s)
+  print(open(os.path.join(workdir, "report.md")).read())
   return df
 
 

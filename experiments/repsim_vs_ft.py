@@ -1,18 +1,21 @@
 """Study: does RepSim keep the pretrained representation while matching full fine-tuning?
 
-  python experiments/repsim_vs_ft.py --workdir=runs/study_repsim [--seeds=0,1,2] [--lams=0.3]
+  python experiments/repsim_vs_ft.py --workdir=runs/study_repsim [--setting=small|full]
+      [--seeds=0,1,2] [--lams=0.3] [--finetune_steps=N] [--data_dir=DIR]
 
-Pretrains the default run's small ResNet on the synthetic natural source once, then fine-tunes it
-on the synthetic medical target with full fine-tuning and with RepSim (learned Q, each λ) for
-every seed. Writes `results.csv` (one row per run), `summary.csv` (mean ± std per method),
-`cka_by_layer.png` and `report.md` with the headline: relative change in linear CKA to the
-pretrained model at `pre_logits` and the difference in target accuracy, against full
-fine-tuning. Every run is resumable (re-running skips finished ones).
+`small`: pretrains the default run's small ResNet on the synthetic natural source once, then
+fine-tunes it on the synthetic medical target with full fine-tuning and with RepSim (learned Q,
+each λ) for every seed; about 4 minutes on 2 CPU cores. `full`: the same comparison on
+DermaMNIST at 64 px from ImageNet ResNet-50 weights (`python -m repsim_jax.models.export
+torchvision:resnet50 weights/r50.safetensors`), on accelerators. Writes `results.csv` (one row
+per run), `summary.csv` (mean ± std per method), `cka_by_layer.png` and `report.md` with the
+headline: relative change in linear CKA to the pretrained model at `pre_logits` and the
+difference in target accuracy, against full fine-tuning. Every run is resumable (re-running
+skips finished ones).
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 import sys
@@ -20,39 +23,53 @@ import sys
 import numpy as np
 import pandas as pd
 
-from repsim_jax import config_lib, io
+from repsim_jax import config_lib, studies
 from repsim_jax.cpu import host
-from repsim_jax.jobs import default as default_run
+
+CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs")
+SETTINGS = {
+    "small": dict(source="pretrain", target="medical_gray", seeds="0,1,2", lams="0.3",
+                  model="resnet_small", size=32, pretrain_steps=1000, finetune_steps=300,
+                  data_dir=""),
+    "full": dict(source="weights/r50.safetensors", target="dermamnist", seeds="0,1,2",
+                 lams="0.1,0.3,1", model="resnet50", size=64, pretrain_steps=0,
+                 finetune_steps=3000, data_dir="data"),
+}
 
 
-def run_study(workdir: str, seeds, lams, finetune_steps: int = 0, pretrain_steps: int = 0,
-              data_dir: str = "") -> pd.DataFrame:
+def plan(workdir: str, s: dict) -> list[studies.Run]:
   base = config_lib.load_config(
-      os.path.join(os.path.dirname(__file__), "..", "configs", "default.py"))
-  if data_dir:
-    base.pretrain.data.data_dir = base.finetune.data.data_dir = data_dir
-  if pretrain_steps:
-    base.pretrain.train.num_steps = pretrain_steps
-  if finetune_steps:
-    base.finetune.train.num_steps = finetune_steps
-  pre_dir, _ = default_run.stage(base.pretrain, workdir, "pretrain")
+      os.path.join(CONFIGS, "default.py"), f"pretrain_steps={s['pretrain_steps'] or 1},"
+      f"finetune_steps={s['finetune_steps']},size={s['size']},model={s['model']}")
+  for c in (base.pretrain, base.finetune):
+    if s["data_dir"]:
+      c.data.data_dir = s["data_dir"]
+  init = s["source"]
+  if init == "pretrain":
+    init = studies.sources(workdir, {"natural": base.pretrain})["natural"]
+  f = base.finetune
+  f.model.init = init
+  if s["target"] != f.data.name:
+    f.data.source, f.data.name, f.data.size = "medmnist", s["target"], s["size"]
   methods = {"full_ft": config_lib.method_config("full_ft")}
-  for lam in lams:
+  for lam in studies.csv_list(s["lams"], float):
     methods[f"repsim_lam{lam:g}"] = config_lib.method_config("repsim", q_mode="learned", lam=lam)
-  rows = []
-  for seed in seeds:
+  out = []
+  for seed in studies.csv_list(s["seeds"], int):
     for name, mcfg in methods.items():
-      f = copy.deepcopy(base.finetune)
-      f.name = f"{name}_seed{seed}"
-      f.seed = seed
-      f.model.init = pre_dir
-      f.method = mcfg
-      _, res = default_run.stage(f, os.path.join(workdir, "runs"), f.name)
-      test = res["final"]["test"]
-      row = {"method": name, "seed": seed, "accuracy": test["accuracy"], "auc": test["auc"],
-             "balanced_accuracy": test["balanced_accuracy"]}
-      row.update({f"cka_{k}": v for k, v in res["similarity"]["linear_cka"].items()})
-      rows.append(row)
+      c = copy.deepcopy(f)
+      c.seed, c.method = seed, mcfg
+      out.append(studies.Run(c, {"method": name, "seed": seed}))
+  return out
+
+
+def run_study(workdir: str, s: dict) -> pd.DataFrame:
+  runs = plan(workdir, s)
+  rows = []
+  for run, res in zip(runs, studies.execute(workdir, runs)):
+    test = res["final"]["test"]
+    rows.append({**run.key, **{k: test[k] for k in ("accuracy", "auc", "balanced_accuracy")},
+                 **{f"cka_{k}": v for k, v in res["similarity"]["linear_cka"].items()}})
   df = pd.DataFrame(rows)
   write_outputs(df, workdir)
   return df
@@ -64,33 +81,31 @@ def headline(df: pd.DataFrame) -> pd.DataFrame:
   ft = mean.loc["full_ft"]
   out = mean[["accuracy", "auc", "cka_pre_logits"]].copy()
   out["cka_relative_change"] = mean["cka_pre_logits"] / ft["cka_pre_logits"] - 1.0
+  out["cka_change_pct"] = 100.0 * out["cka_relative_change"]
   out["accuracy_points_vs_ft"] = 100.0 * (mean["accuracy"] - ft["accuracy"])
   return out
 
 
 def write_outputs(df: pd.DataFrame, workdir: str) -> None:
-  os.makedirs(workdir, exist_ok=True)
-  io.write_text(os.path.join(workdir, "results.csv"), df.to_csv(index=False))
   summary = df.groupby("method", sort=False).agg(["mean", "std"]).drop(columns="seed")
-  io.write_text(os.path.join(workdir, "summary.csv"), summary.to_csv())
-  head = headline(df)
-  plot_cka(df, os.path.join(workdir, "cka_by_layer.png"))
-  layers = [c[4:] for c in df.columns if c.startswith("cka_")]
-  lines = ["# RepSim vs full fine-tuning (synthetic natural -> synthetic medical)", "",
+  summary.columns = [f"{c}_{s}" for c, s in summary.columns]
+  summary = summary.reset_index()
+  head = headline(df).reset_index()
+  layers = [c for c in df.columns if c.startswith("cka_")]
+  lines = ["# RepSim vs full fine-tuning", "",
            f"{df.seed.nunique()} seeds; means over seeds. CKA: linear CKA of each layer to the "
-           "pretrained model on the target test split.", "",
-           "| method | accuracy | AUC | CKA pre_logits | CKA change vs full FT | accuracy (points) vs full FT |",
-           "| --- | --- | --- | --- | --- | --- |"]
-  for m, r in head.iterrows():
-    lines.append(f"| {m} | {r.accuracy:.4f} | {r.auc:.4f} | {r.cka_pre_logits:.4f} | "
-                 f"{100 * r.cka_relative_change:+.1f}% | {r.accuracy_points_vs_ft:+.2f} |")
-  mean = df.groupby("method", sort=False).mean(numeric_only=True)
-  lines += ["", "Linear CKA to the pretrained model per layer (mean over seeds):", "",
-            "| method | " + " | ".join(layers) + " |", "| --- |" + " --- |" * len(layers)]
-  for m, r in mean.iterrows():
-    lines.append(f"| {m} | " + " | ".join(f"{r['cka_' + l]:.3f}" for l in layers) + " |")
+           "pretrained model on the target test split.", ""]
+  lines += studies.markdown_table(head, {
+      "method": "method", "accuracy": "accuracy", "auc": "AUC", "cka_pre_logits": "CKA pre_logits",
+      "cka_change_pct": "CKA change vs full FT (%)",
+      "accuracy_points_vs_ft": "accuracy (points) vs full FT"})
+  mean = df.groupby("method", sort=False)[layers].mean().reset_index()
+  lines += ["", "Linear CKA to the pretrained model per layer (mean over seeds):", ""]
+  lines += studies.markdown_table(mean, {"method": "method", **{l: l[4:] for l in layers}},
+                                  digits=3)
   lines += ["", "Per-run rows: `results.csv`; mean ± std: `summary.csv`; plot: `cka_by_layer.png`."]
-  io.write_text(os.path.join(workdir, "report.md"), "\n".join(lines) + "\n")
+  studies.write_outputs(workdir, {"results": df, "summary": summary, "headline": head},
+                        {"cka_by_layer.png": lambda p: plot_cka(df, p)}, lines)
 
 
 def plot_cka(df: pd.DataFrame, path: str) -> None:
@@ -117,18 +132,9 @@ def plot_cka(df: pd.DataFrame, path: str) -> None:
 
 
 def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--workdir", required=True)
-  ap.add_argument("--seeds", default="0,1,2")
-  ap.add_argument("--lams", default="0.3")
-  ap.add_argument("--data_dir", default="")
-  ap.add_argument("--finetune_steps", type=int, default=0)
-  ap.add_argument("--pretrain_steps", type=int, default=0)
-  a = ap.parse_args(argv)
-  df = run_study(a.workdir, [int(s) for s in a.seeds.split(",")],
-                 [float(l) for l in a.lams.split(",")], a.finetune_steps, a.pretrain_steps,
-                 a.data_dir)
-  print(open(os.path.join(a.workdir, "report.md")).read())
+  workdir, s = studies.parse_settings(__doc__, SETTINGS, argv)
+  df = run_study(workdir, s)
+  print(open(os.path.join(workdir, "report.md")).read())
   return df
 
 

@@ -14,6 +14,7 @@ import pytest
 import ml_collections
 
 from repsim_jax import checkpoint, config_lib, train
+from repsim_jax.studies import set_keys  # noqa: F401  (the tests' dotted-key override)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,17 +40,6 @@ def tiny_config(tmp_path, **overrides):
   c.train.tensorboard = False
   c.parallel.num_devices = 1
   return set_keys(c, overrides)
-
-
-def set_keys(c, overrides: dict):
-  """`c` with each dotted key of `overrides` set (e.g. {"train.num_steps": 3})."""
-  for k, v in overrides.items():
-    node = c
-    *parents, leaf = k.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = v
-  return c
 
 
 def max_rel_err(a, b):

@@ -1,0 +1,155 @@
+"""Study conventions: what every study in `experiments/` does, so that a study is a short file.
+
+A study is a *plan* (a list of `Run`s: a train config and the columns that name it in the results
+table), *executed* (each run trained, resumed from its checkpoint, or read back when it finished
+before), *tabulated* (one row per run, from its results.json and metrics.jsonl) and *written*
+(CSV tables, figures and a markdown report, each atomically). Each run lives in
+`<workdir>/<group>/<name>-<identity>` (`repsim_jax.runs`), so a killed study re-runs only what is
+missing, and a changed setting re-runs only the runs whose config it changes. Report tables are
+rendered from the same data frames that are written as CSV (`markdown_table`), so the report's
+numbers are the CSV's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import ml_collections
+import numpy as np
+import pandas as pd
+
+from repsim_jax import io, runs, train
+
+
+@dataclasses.dataclass
+class Run:
+  """One training run of a study: its config and the columns naming it (`key`)."""
+  cfg: ml_collections.ConfigDict
+  key: dict
+  group: str = "runs"
+
+  @property
+  def name(self) -> str:
+    # Text values as they are, numbers after their key: "medical_gray_repsim_seed0".
+    return "_".join(v if isinstance(v, str) else f"{k}{v:g}" for k, v in self.key.items()) or "run"
+
+
+def run_dir(workdir: str, run: Run) -> str:
+  return runs.run_dir(os.path.join(workdir, run.group), run.name, run.cfg)
+
+
+def execute(workdir: str, plan: Sequence[Run]) -> list[dict]:
+  """Trains, resumes or reads back every run of `plan` in order; their results (each with
+  `run_dir`, relative to `workdir`). Runs that finished before cost one file read each."""
+  out = []
+  t0 = time.perf_counter()
+  for i, run in enumerate(plan):
+    d = run_dir(workdir, run)
+    with run.cfg.unlocked():
+      run.cfg.name = run.name
+    results = train.train_and_evaluate(run.cfg, d)
+    out.append({**results, "run_dir": os.path.relpath(d, workdir)})
+    print(f"study: {i + 1}/{len(plan)} runs done ({time.perf_counter() - t0:.0f} s)", flush=True)
+  return out
+
+
+def sources(workdir: str, plan: Mapping[str, ml_collections.ConfigDict]) -> dict[str, str]:
+  """Trains (once) the pretraining runs `plan` ({name: config}) in `<workdir>/sources`;
+  {name: run dir}, for `config.model.init`."""
+  runs_ = [Run(cfg, {"source": name}, "sources") for name, cfg in plan.items()]
+  return {name: os.path.join(workdir, res["run_dir"])
+          for name, res in zip(plan, execute(workdir, runs_))}
+
+
+def history(workdir: str, result: dict, split: str) -> pd.DataFrame:
+  """One row per logged step of `split` in a run's metrics.jsonl (columns: step and the
+  metrics), from a result of `execute`."""
+  rows = []
+  with open(os.path.join(workdir, result["run_dir"], "metrics.jsonl")) as f:
+    for line in f:
+      r = json.loads(line)
+      if r.get("split") == split:
+        rows.append({k: v for k, v in r.items() if k != "split"})
+  return pd.DataFrame(rows)
+
+
+def set_keys(cfg: ml_collections.ConfigDict, overrides: Mapping[str, Any]):
+  """`cfg` with dotted keys set (`{"optim.lr": 0.1}`); an unknown key is a one-line error."""
+  for dotted, value in overrides.items():
+    node = cfg
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+      if p not in node:
+        raise ValueError(f"{dotted}: no such config key")
+      node = node[p]
+    if leaf not in node:
+      raise ValueError(f"{dotted}: no such config key")
+    with node.unlocked():
+      node[leaf] = tuple(value) if isinstance(value, list) else value
+  return cfg
+
+
+def parse_settings(doc: str, settings: Mapping[str, dict], argv=None) -> tuple[str, dict]:
+  """The study command line: `--workdir`, `--setting` (a key of `settings`), and a `--<key>` flag
+  for every scalar of a setting (its type that of the `small` setting's value)."""
+  ap = argparse.ArgumentParser(description=doc.strip().splitlines()[0],
+                               formatter_class=argparse.RawDescriptionHelpFormatter,
+                               epilog="\n".join(doc.strip().splitlines()[1:]))
+  ap.add_argument("--workdir", required=True)
+  ap.add_argument("--setting", default="small", choices=sorted(settings))
+  first = next(iter(settings.values()))
+  for k, v in first.items():
+    if isinstance(v, (str, int, float)) and not isinstance(v, bool):
+      ap.add_argument(f"--{k}", type=type(v), default=None)
+  a = ap.parse_args(argv)
+  s = dict(settings[a.setting])
+  s.update({k: v for k, v in vars(a).items()
+            if k not in ("workdir", "setting") and v is not None})
+  return a.workdir, s
+
+
+def csv_list(spec, cast=str) -> list:
+  """'a,b' -> [a, b] (each through `cast`)."""
+  return [cast(x.strip()) for x in str(spec).split(",") if x.strip()]
+
+
+def pm(mean, std) -> str:
+  """'0.1234 ± 0.0050' (a missing std, from one value, is 0)."""
+  return f"{float(mean):.4f} ± {0.0 if std != std else float(std):.4f}"
+
+
+def cell(v, digits: int = 4) -> str:
+  if isinstance(v, str):
+    return v
+  if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+    return str(int(v))
+  if v is None or not np.isfinite(v):
+    return "n/a"
+  return f"{float(v):.{digits}f}"
+
+
+def markdown_table(df: pd.DataFrame, columns: Mapping[str, str] | None = None,
+                   digits: int = 4) -> list[str]:
+  """A markdown table of `df`'s `columns` ({column: header}; default all), numbers to `digits`
+  decimals. Report tables go through this, from the frame that is written as CSV."""
+  columns = columns or {c: c for c in df.columns}
+  lines = ["| " + " | ".join(columns.values()) + " |", "|" + " --- |" * len(columns)]
+  for _, r in df.iterrows():
+    lines.append("| " + " | ".join(cell(r[c], digits) for c in columns) + " |")
+  return lines
+
+
+def write_outputs(workdir: str, tables: Mapping[str, pd.DataFrame],
+                  figures: Mapping[str, Callable[[str], None]], report: Sequence[str]) -> None:
+  """`<name>.csv` per table, `<name>` per figure (drawn by `figure(path)`) and `report.md`, each
+  written whole or not at all; the report last, so that a report always has its CSVs."""
+  for name, df in tables.items():
+    io.write_text(os.path.join(workdir, f"{name}.csv"), df.to_csv(index=False))
+  for name, draw in figures.items():
+    draw(os.path.join(workdir, name))
+  io.write_text(os.path.join(workdir, "report.md"), "\n".join(report) + "\n")

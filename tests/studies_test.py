@@ -1,0 +1,279 @@
+"""The study conventions (`repsim_jax.studies`) and every study in experiments/: report numbers
+equal the CSVs (checked on synthetic result rows, no training), and end to end on tiny data with a
+re-run that trains nothing (slow)."""
+
+import importlib.util
+import os
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from repsim_jax import config_lib, studies
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def study(name):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "experiments",
+                                                                    f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def assert_report_tables_match_csvs(workdir):
+  """Every number in a table of report.md is a value of one of the study's CSVs, printed with
+  the same number of decimals."""
+  values = []
+  for name in os.listdir(workdir):
+    if name.endswith(".csv"):
+      df = pd.read_csv(os.path.join(workdir, name))
+      values += [float(v) for v in df.select_dtypes("number").to_numpy().ravel()
+                 if np.isfinite(v)]
+  printed = {d: {f"{v:.{d}f}" for v in values} for d in range(1, 7)}
+  report = open(os.path.join(workdir, "report.md")).read()
+  checked = 0
+  for line in report.splitlines():
+    if not line.startswith("|") or set(line) <= set("|- "):
+      continue
+    for token in re.findall(r"-?\d+\.\d+", line):
+      decimals = len(token.split(".")[1])
+      assert token in printed[decimals] or token.lstrip("-") == f"{0:.{decimals}f}", (
+          f"{token} in report.md is in no CSV: {line}")
+      checked += 1
+  assert checked > 0
+  return report
+
+
+# -- the shared layer ------------------------------------------------------------------------
+def test_run_names_set_keys_and_settings():
+  run = studies.Run(config_lib.train_config(), {"target": "medical_gray", "method": "repsim",
+                                                "seed": 1, "p": 0.5})
+  assert run.name == "medical_gray_repsim_seed1_p0.5"
+  c = studies.set_keys(config_lib.train_config(), {"optim.lr": 0.3, "train.eval_splits": ["val"]})
+  assert c.optim.lr == 0.3 and c.train.eval_splits == ("val",)
+  with pytest.raises(ValueError, match=r"optim.lrr: no such config key"):
+    studies.set_keys(c, {"optim.lrr": 1.0})
+  settings = {"small": dict(seeds="0,1", steps=10, lam=0.3, target={"x": 1}), "full": dict(
+      seeds="0,1,2", steps=100, lam=1.0, target={"x": 2})}
+  workdir, s = studies.parse_settings("doc\nmore", settings, ["--workdir=w", "--setting=full",
+                                                              "--steps=7"])
+  assert workdir == "w" and s == dict(seeds="0,1,2", steps=7, lam=1.0, target={"x": 2})
+  with pytest.raises(SystemExit):
+    studies.parse_settings("doc", settings, ["--workdir=w", "--target=3"])
+  assert studies.csv_list("0, 1,,2", int) == [0, 1, 2]
+  assert studies.pm(0.5, float("nan")) == "0.5000 ± 0.0000"
+
+
+def test_markdown_table_and_atomic_outputs(tmp_path):
+  df = pd.DataFrame({"method": ["a", "b"], "n": [3, 4], "x": [0.123456, float("nan")]})
+  assert studies.markdown_table(df, {"method": "m", "x": "x"}, digits=3) == [
+      "| m | x |", "| --- | --- |", "| a | 0.123 |", "| b | n/a |"]
+
+  def broken(path):
+    raise RuntimeError("figure failed")
+
+  with pytest.raises(RuntimeError):
+    studies.write_outputs(str(tmp_path), {"results": df}, {"f.png": broken}, ["# r"])
+  # The CSV came before the figure; the report (written last) is not there, nor a temporary.
+  assert sorted(os.listdir(tmp_path)) == ["results.csv"]
+
+
+def test_execute_reads_a_finished_run_back(tmp_path, capsys):
+  from train_test import tiny_config
+  run = studies.Run(tiny_config(tmp_path, **{"train.num_steps": 4}), {"method": "full_ft"})
+  (first,) = studies.execute(str(tmp_path), [run])
+  (again,) = studies.execute(str(tmp_path), [run])
+  assert "already finished" in capsys.readouterr().out
+  assert first == again and first["run_dir"].startswith("runs/full_ft-")
+
+
+# -- report numbers equal the CSVs (no training) ---------------------------------------------
+def test_baselines_report(tmp_path):
+  rng = np.random.default_rng(0)
+  rows = [{"target": t, "method": m, "seed": s, "accuracy": rng.uniform(0.4, 0.8),
+           "balanced_accuracy": rng.uniform(0.4, 0.8), "auc": rng.uniform(0.6, 0.9),
+           "cka_stem": rng.uniform(0.8, 1), "cka_pre_logits": rng.uniform(0.2, 0.9),
+           "sam_sharpness": rng.uniform(0.05, 0.3), "hessian_top_eigenvalue": rng.uniform(10, 90),
+           "run": "x"}
+          for t in ("a", "b") for m in ("full_ft", "sam", "repsim") for s in range(3)]
+  df = pd.DataFrame(rows)
+  mod = study("baselines")
+  mod.write_outputs(df, str(tmp_path))
+  report = assert_report_tables_match_csvs(str(tmp_path))
+  mean = df.groupby(["target", "method"]).mean(numeric_only=True)
+  change = np.mean([mean.loc[(t, "repsim"), "cka_pre_logits"] / mean.loc[(t, "full_ft"),
+                                                                         "cka_pre_logits"] - 1
+                    for t in ("a", "b")])
+  assert f"Similarity (+30% CKA at pre_logits): {100 * change:+.1f}% here" in report
+  assert (tmp_path / "metrics.png").stat().st_size > 10_000
+
+
+def _trajectory_rows():
+  rng = np.random.default_rng(1)
+  rows = []
+  for src in ("supervised", "simclr"):
+    for m in ("full_ft", "repsim", "linear_probe"):
+      for seed in range(2):
+        for step in (10, 20, 30):
+          cka = rng.uniform(0.2, 1.0)
+          rows.append({"source": src, "method": m, "seed": seed, "step": step,
+                       "accuracy": 0.3 + 0.3 * cka + rng.normal(0, 0.02), "auc": 0.7,
+                       "ece": rng.uniform(0, 0.2), "knn_accuracy": 0.1 + 0.5 * cka,
+                       "linear_probe_accuracy": rng.uniform(0.1, 0.6), "cka_stem": 0.9,
+                       "cka_layer1": rng.uniform(0.5, 1.0), "cka_pre_logits": cka})
+  for seed in range(2):
+    for step in (10, 20, 30):
+      rows.append({"source": "none", "method": "scratch", "seed": seed, "step": step,
+                   "accuracy": 0.4, "auc": 0.6, "ece": 0.1, "knn_accuracy": 0.2,
+                   "linear_probe_accuracy": 0.2})
+  return pd.DataFrame(rows)
+
+
+def test_trajectories_report(tmp_path):
+  from scipy import stats
+  df = _trajectory_rows()
+  study("trajectories").write_outputs(df, str(tmp_path))
+  report = assert_report_tables_match_csvs(str(tmp_path))
+  fits = pd.read_csv(tmp_path / "fits.csv")
+  pre = df[df.method != "scratch"]
+  r = stats.linregress(pre.cka_pre_logits, pre.knn_accuracy)
+  row = fits[(fits.group == "all") & (fits.layer == "pre_logits")
+             & (fits.indicator == "knn_accuracy")].iloc[0]
+  assert row.r == pytest.approx(1.0) and row.slope == pytest.approx(r.slope)
+  assert row.n == len(pre)
+  assert "## Findings" in report and "(third finding" in report
+  for name in ("trajectories.png", "indicators.png"):
+    assert (tmp_path / name).stat().st_size > 10_000
+
+
+def test_transfer_vs_ssl_report(tmp_path):
+  rng = np.random.default_rng(2)
+  rows = [{"factor": f, "level": lv, "source": s, "seed": seed,
+           **{m: rng.uniform(0.3, 0.9) for m in ("accuracy", "balanced_accuracy", "auc", "f1")},
+           "run": "x"}
+          for f, levels in (("imbalance", ("1", "5")), ("scarcity", ("0.1", "1")),
+                            ("domain", ("near", "far")))
+          for lv in levels for s in ("supervised", "simclr", "byol") for seed in range(2)]
+  df = pd.DataFrame(rows)
+  study("transfer_vs_ssl").write_outputs(df, str(tmp_path))
+  report = assert_report_tables_match_csvs(str(tmp_path))
+  best = pd.read_csv(tmp_path / "best.csv", dtype={"level": str})
+  g = df[(df.factor == "imbalance") & (df.level == "5")].groupby("source").balanced_accuracy.mean()
+  r = best[(best.factor == "imbalance") & (best.level == "5")].iloc[0]
+  assert r.best_source == g.idxmax()
+  assert r.ssl_minus_supervised_points == pytest.approx(
+      100 * (g.drop("supervised").max() - g["supervised"]))
+  assert f"SSL beats supervised at {int((best.ssl_minus_supervised_points > 0).sum())} of 6" in report
+  for axis in ("imbalance", "scarcity", "domain"):
+    assert (tmp_path / f"{axis}.png").stat().st_size > 10_000
+
+
+def test_transferability_report(tmp_path):
+  rng = np.random.default_rng(3)
+  sources, targets = ["s1", "s2", "s3", "s4"], ["t1", "t2", "t3"]
+  truth = pd.DataFrame([{"source": s, "target": t, "metric": "auc", "value": rng.uniform(0.5, 1)}
+                        for s in sources for t in targets])
+  scores = pd.DataFrame([{"source": s, "target": t, "score": k, "value": rng.normal()}
+                         for s in sources for t in targets for k in ("logme", "leep", "lp")])
+  (tmp_path / "scores").mkdir()
+  (tmp_path / "sweep").mkdir()
+  scores.to_csv(tmp_path / "scores" / "scores.csv", index=False)
+  truth.to_csv(tmp_path / "sweep" / "ground_truth.csv", index=False)
+  from repsim_jax.transferability import ranking
+  summary = ranking.rank_scores(tmp_path / "scores" / "scores.csv",
+                                tmp_path / "sweep" / "ground_truth.csv",
+                                tmp_path / "sweep" / "ranking")
+  study("transferability").write_outputs(str(tmp_path))
+  report = assert_report_tables_match_csvs(str(tmp_path))
+  mean = pd.read_csv(tmp_path / "mean_tau.csv").set_index("score").mean_tau
+  assert mean.to_dict() == pytest.approx(summary["mean_tau"])
+  assert "Friedman test over 3 targets" in report
+  assert (tmp_path / "critical_difference.png").exists()
+
+
+def test_repsim_vs_ft_report(tmp_path):
+  df = pd.DataFrame({"method": ["full_ft"] * 2 + ["repsim_lam0.3"] * 2, "seed": [0, 1, 0, 1],
+                     "accuracy": [0.6, 0.62, 0.605, 0.6], "auc": [0.8] * 4,
+                     "balanced_accuracy": [0.5] * 4, "cka_stem": [0.9, 0.95, 0.97, 0.96],
+                     "cka_pre_logits": [0.4, 0.2, 0.6, 0.6]})
+  study("repsim_vs_ft").write_outputs(df, str(tmp_path))
+  report = assert_report_tables_match_csvs(str(tmp_path))
+  assert "| repsim_lam0.3 | 0.6025 | 0.8000 | 0.6000 | 100.0000 | -0.7500 |" in report
+
+
+def test_repsim_headline_arithmetic():
+  df = pd.DataFrame({"method": ["full_ft", "full_ft", "repsim_lam0.3", "repsim_lam0.3"],
+                     "seed": [0, 1, 0, 1], "accuracy": [0.60, 0.62, 0.605, 0.60],
+                     "auc": [0.8, 0.8, 0.8, 0.8], "cka_pre_logits": [0.4, 0.2, 0.6, 0.6]})
+  h = study("repsim_vs_ft").headline(df)
+  assert h.loc["repsim_lam0.3", "cka_relative_change"] == pytest.approx(0.6 / 0.3 - 1)
+  assert h.loc["repsim_lam0.3", "accuracy_points_vs_ft"] == pytest.approx(100 * (0.6025 - 0.61))
+  assert h.loc["full_ft", "cka_relative_change"] == 0.0
+
+
+@pytest.mark.slow
+def test_repsim_keeps_30pct_more_cka_at_competitive_accuracy(tmp_path):
+  """DESIGN/issue: >= 30% higher CKA at pre_logits than full fine-tuning, accuracy within 2
+  points, averaged over 3 seeds, on the default run's synthetic target (the `small` setting)."""
+  mod = study("repsim_vs_ft")
+  df = mod.run_study(str(tmp_path), dict(mod.SETTINGS["small"], data_dir=str(tmp_path / "data")))
+  h = mod.headline(df).loc["repsim_lam0.3"]
+  assert h.cka_relative_change >= 0.30
+  assert abs(h.accuracy_points_vs_ft) <= 2.0
+
+
+# -- end to end on tiny data (slow) ----------------------------------------------------------
+TINY = dict(size=16, pretrain_steps=30, ssl_steps=20, finetune_steps=20, batch=32)
+
+
+def _end_to_end(name, workdir, capsys, **setting):
+  mod = study(name)
+  s = {**mod.SETTINGS["small"], **{k: v for k, v in TINY.items() if k in mod.SETTINGS["small"]},
+       **setting}
+  mod.run_study(str(workdir), s)
+  first = capsys.readouterr().out
+  assert_report_tables_match_csvs(str(workdir))
+  mod.run_study(str(workdir), s)
+  again = capsys.readouterr().out
+  assert " step " not in again, "a re-run trained again"
+  return first, again
+
+
+@pytest.mark.slow
+def test_baselines_end_to_end(tmp_path, capsys):
+  _end_to_end("baselines", tmp_path, capsys, targets="medical_gray",
+              methods="full_ft,linear_probe,repsim", seeds="0,1")
+  df = pd.read_csv(tmp_path / "results.csv")
+  lp = df[df.method == "linear_probe"]
+  assert np.allclose(lp.cka_stem, 1.0, atol=1e-5)  # a frozen backbone keeps its representation
+
+
+@pytest.mark.slow
+def test_trajectories_end_to_end(tmp_path, capsys):
+  _end_to_end("trajectories", tmp_path, capsys, methods="full_ft,linear_probe,scratch",
+              seeds="0", evals=2)
+  df = pd.read_csv(tmp_path / "trajectories.csv")
+  assert len(df) == (2 * 2 + 1) * 2  # (2 methods x 2 sources + scratch) x 2 evaluations
+  lp = df[df.method == "linear_probe"]
+  assert np.allclose(lp.cka_pre_logits, 1.0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_transfer_vs_ssl_end_to_end(tmp_path, capsys):
+  _end_to_end("transfer_vs_ssl", tmp_path, capsys, objectives="supervised,byol", seeds="0",
+              train_size=400, imbalances="1,5", fractions="0.1",
+              domains="near=natural,far=medical_rgb")
+  df = pd.read_csv(tmp_path / "results.csv")
+  assert len(df) == 5 * 2
+
+
+@pytest.mark.slow
+def test_transferability_end_to_end(tmp_path, capsys):
+  _end_to_end("transferability", tmp_path, capsys,
+              sources="a=supervised:natural,b=supervised:medical_rgb,c=simclr:natural",
+              targets="natural,medical_gray", lrs="0.01", max_examples=200)
+  truth = pd.read_csv(tmp_path / "ground_truth.csv")
+  assert len(truth) == 3 * 2
