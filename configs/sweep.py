@@ -18,7 +18,7 @@ Writes <workdir>/runs/<source>__<target>__lr<lr>-<identity>/ (ordinary runs), gr
 
 import ml_collections
 
-from repsim_jax import config_lib
+from repsim_jax import config_lib, launch
 
 
 def get_config(arg=None):
@@ -51,4 +51,7 @@ def get_config(arg=None):
   c.sweep.scores_csv = a.scores
   c.sweep.rank = True             # with scores_csv: ranking.rank_scores -> <workdir>/<rank_dir>
   c.sweep.rank_dir = "ranking"
+  # Where the runs execute: inline (here, one after another), local (a pool of worker
+  # processes), slurm (a job array through submitit): repsim_jax/launch.py.
+  c.launch = launch.launch_config()
   return c

@@ -80,7 +80,7 @@ def plan(workdir: str, s: dict) -> list[studies.Run]:
   pre, f, repsim = base_configs(s)
   init = s["source"]
   if init == "pretrain":
-    init = studies.sources(workdir, {"natural": pre})["natural"]
+    init = studies.sources(workdir, {"natural": pre}, s.get("launch"))["natural"]
   out = []
   for target in studies.csv_list(s["targets"]):
     for name in studies.csv_list(s["methods"]):
@@ -109,7 +109,7 @@ def row(run: studies.Run, res: dict) -> dict:
 
 def run_study(workdir: str, s: dict) -> pd.DataFrame:
   runs = plan(workdir, s)
-  df = pd.DataFrame([row(r, res) for r, res in zip(runs, studies.execute(workdir, runs))])
+  df = pd.DataFrame([row(r, res) for r, res in zip(runs, studies.execute(workdir, runs, s.get("launch")))])
   write_outputs(df, workdir)
   return df
 

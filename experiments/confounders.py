@@ -103,7 +103,7 @@ def run_study(workdir: str, setting: str = "small", data_dir: str = "", **overri
   sources = parse_sources(s["sources"])
   trained = studies.sources(workdir, {
       f"pretrain_{init.split(':', 1)[1]}": pretrain_source(init.split(":", 1)[1], s, data_dir)
-      for init in sources.values() if init.startswith("pretrain:")})
+      for init in sources.values() if init.startswith("pretrain:")}, s.get("launch"))
   inits = {name: trained.get(f"pretrain_{init.split(':', 1)[-1]}", init)
            for name, init in sources.items()}
   plan = []
@@ -117,7 +117,7 @@ def run_study(workdir: str, setting: str = "small", data_dir: str = "", **overri
                             os.path.join("runs", name)))
   rows = [{"source": os.path.basename(run.group), **run.key,
            **{f"auc_{t}": res["final"][split]["auc"] for t, split in TESTS.items()},
-           "run": res["run_dir"]} for run, res in zip(plan, studies.execute(workdir, plan))]
+           "run": res["run_dir"]} for run, res in zip(plan, studies.execute(workdir, plan, s.get("launch")))]
   df = pd.DataFrame(rows)
   write_outputs(df, workdir)
   return df

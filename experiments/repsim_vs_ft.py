@@ -46,7 +46,7 @@ def plan(workdir: str, s: dict) -> list[studies.Run]:
       c.data.data_dir = s["data_dir"]
   init = s["source"]
   if init == "pretrain":
-    init = studies.sources(workdir, {"natural": base.pretrain})["natural"]
+    init = studies.sources(workdir, {"natural": base.pretrain}, s.get("launch"))["natural"]
   f = base.finetune
   f.model.init = init
   if s["target"] != f.data.name:
@@ -66,7 +66,7 @@ def plan(workdir: str, s: dict) -> list[studies.Run]:
 def run_study(workdir: str, s: dict) -> pd.DataFrame:
   runs = plan(workdir, s)
   rows = []
-  for run, res in zip(runs, studies.execute(workdir, runs)):
+  for run, res in zip(runs, studies.execute(workdir, runs, s.get("launch"))):
     test = res["final"]["test"]
     rows.append({**run.key, **{k: test[k] for k in ("accuracy", "auc", "balanced_accuracy")},
                  **{f"cka_{k}": v for k, v in res["similarity"]["linear_cka"].items()}})

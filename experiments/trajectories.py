@@ -83,7 +83,7 @@ def sources(workdir: str, s: dict, pre) -> dict[str, str]:
   given = dict(item.partition("=")[::2] for item in studies.csv_list(s["sources"]))
   trained = studies.sources(workdir, {name: pretrain_config(pre, init.split(":", 1)[1], s)
                                       for name, init in given.items()
-                                      if init.startswith("pretrain:")})
+                                      if init.startswith("pretrain:")}, s.get("launch"))
   return {name: trained.get(name, init) for name, init in given.items()}
 
 
@@ -125,7 +125,7 @@ def trajectory(workdir: str, run: studies.Run, res: dict) -> pd.DataFrame:
 
 def run_study(workdir: str, s: dict) -> pd.DataFrame:
   runs = plan(workdir, s)
-  results = studies.execute(workdir, runs)
+  results = studies.execute(workdir, runs, s.get("launch"))
   df = pd.concat([trajectory(workdir, r, res) for r, res in zip(runs, results)],
                  ignore_index=True)
   write_outputs(df, workdir)

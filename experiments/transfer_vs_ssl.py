@@ -107,7 +107,8 @@ def axis_points(f, s: dict) -> list[tuple[str, str, object]]:
 def plan(workdir: str, s: dict) -> list[studies.Run]:
   pre, f = base_configs(s)
   objectives = studies.csv_list(s["objectives"])
-  inits = studies.sources(workdir, {o: pretrain_config(pre, o, s) for o in objectives})
+  inits = studies.sources(workdir, {o: pretrain_config(pre, o, s) for o in objectives},
+                          s.get("launch"))
   out = []
   for axis, value, d in axis_points(f, s):
     for objective in objectives:
@@ -123,7 +124,7 @@ def plan(workdir: str, s: dict) -> list[studies.Run]:
 def run_study(workdir: str, s: dict) -> pd.DataFrame:
   runs = plan(workdir, s)
   rows = [{**r.key, **{m: res["final"]["test"][m] for m in METRICS}, "run": res["run_dir"]}
-          for r, res in zip(runs, studies.execute(workdir, runs))]
+          for r, res in zip(runs, studies.execute(workdir, runs, s.get("launch")))]
   df = pd.DataFrame(rows)
   write_outputs(df, workdir)
   return df

@@ -93,7 +93,7 @@ def target_data(s: dict, data):
 
 
 def source_spec(workdir: str, s: dict) -> str:
-  inits = studies.sources(workdir, source_configs(s))
+  inits = studies.sources(workdir, source_configs(s), s.get("launch"))
   items = [f"{name}={path}" for name, path in inits.items()]
   items += [i for i in s["extra_sources"].split(";") if i.strip()]
   if not items:
@@ -118,6 +118,8 @@ def run_study(workdir: str, s: dict) -> dict:
   w.sweep.targets = "+".join(studies.csv_list(s["targets"]))
   w.sweep.scores_csv = os.path.join(scores_dir, "scores.csv")
   w.sweep.rank_dir = "ranking"
+  if s.get("launch") is not None:
+    w.launch = s["launch"]
   out = jobs.run(w, os.path.join(workdir, "sweep"))
   write_outputs(workdir)
   return out

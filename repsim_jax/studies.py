@@ -16,14 +16,13 @@ import argparse
 import dataclasses
 import json
 import os
-import time
 from typing import Any, Callable, Mapping, Sequence
 
 import ml_collections
 import numpy as np
 import pandas as pd
 
-from repsim_jax import io, runs, train
+from repsim_jax import io, launch as launch_lib, runs
 
 
 @dataclasses.dataclass
@@ -43,27 +42,26 @@ def run_dir(workdir: str, run: Run) -> str:
   return runs.run_dir(os.path.join(workdir, run.group), run.name, run.cfg)
 
 
-def execute(workdir: str, plan: Sequence[Run]) -> list[dict]:
-  """Trains, resumes or reads back every run of `plan` in order; their results (each with
-  `run_dir`, relative to `workdir`). Runs that finished before cost one file read each."""
-  out = []
-  t0 = time.perf_counter()
-  for i, run in enumerate(plan):
-    d = run_dir(workdir, run)
+def execute(workdir: str, plan: Sequence[Run], launch=None) -> list[dict]:
+  """Trains, resumes or reads back every run of `plan` with the executor `launch`
+  (`repsim_jax.launch`; None: inline, in this process); their results in plan order, each with
+  `run_dir` relative to `workdir`. Runs that finished before cost one file read each."""
+  tasks = []
+  for run in plan:
     with run.cfg.unlocked():
       run.cfg.name = run.name
-    results = train.train_and_evaluate(run.cfg, d)
-    out.append({**results, "run_dir": os.path.relpath(d, workdir)})
-    print(f"study: {i + 1}/{len(plan)} runs done ({time.perf_counter() - t0:.0f} s)", flush=True)
-  return out
+    tasks.append(launch_lib.Task(run.cfg, run_dir(workdir, run), run.name))
+  results = launch_lib.run_all(tasks, launch, folder=os.path.join(workdir, "launch"))
+  return [{**r, "run_dir": os.path.relpath(t.run_dir, workdir)} for t, r in zip(tasks, results)]
 
 
-def sources(workdir: str, plan: Mapping[str, ml_collections.ConfigDict]) -> dict[str, str]:
+def sources(workdir: str, plan: Mapping[str, ml_collections.ConfigDict],
+            launch=None) -> dict[str, str]:
   """Trains (once) the pretraining runs `plan` ({name: config}) in `<workdir>/sources`;
   {name: run dir}, for `config.model.init`."""
   runs_ = [Run(cfg, {"source": name}, "sources") for name, cfg in plan.items()]
   return {name: os.path.join(workdir, res["run_dir"])
-          for name, res in zip(plan, execute(workdir, runs_))}
+          for name, res in zip(plan, execute(workdir, runs_, launch))}
 
 
 def history(workdir: str, result: dict, split: str) -> pd.DataFrame:
@@ -94,9 +92,15 @@ def set_keys(cfg: ml_collections.ConfigDict, overrides: Mapping[str, Any]):
   return cfg
 
 
+LAUNCH_FLAGS = {"executor": str, "workers": int, "devices_per_worker": int, "partition": str,
+                "time_min": int, "gpus_per_task": int, "array_parallelism": int}
+
+
 def parse_settings(doc: str, settings: Mapping[str, dict], argv=None) -> tuple[str, dict]:
-  """The study command line: `--workdir`, `--setting` (a key of `settings`), and a `--<key>` flag
-  for every scalar of a setting (its type that of the `small` setting's value)."""
+  """The study command line: `--workdir`, `--setting` (a key of `settings`), a `--<key>` flag for
+  every scalar of a setting (its type that of the first setting's value), and the executor
+  flags (`--executor=inline|local|slurm`, `--workers`, ... : `repsim_jax.launch`), which give
+  the setting a `launch` config."""
   ap = argparse.ArgumentParser(description=doc.strip().splitlines()[0],
                                formatter_class=argparse.RawDescriptionHelpFormatter,
                                epilog="\n".join(doc.strip().splitlines()[1:]))
@@ -106,11 +110,20 @@ def parse_settings(doc: str, settings: Mapping[str, dict], argv=None) -> tuple[s
   for k, v in first.items():
     if isinstance(v, (str, int, float)) and not isinstance(v, bool):
       ap.add_argument(f"--{k}", type=type(v), default=None)
-  a = ap.parse_args(argv)
-  s = dict(settings[a.setting])
-  s.update({k: v for k, v in vars(a).items()
-            if k not in ("workdir", "setting") and v is not None})
-  return a.workdir, s
+  for k, kind in LAUNCH_FLAGS.items():
+    ap.add_argument(f"--{k}", type=kind, default=None, help="executor (repsim_jax.launch)")
+  a = vars(ap.parse_args(argv))
+  s = dict(settings[a.pop("setting")])
+  workdir = a.pop("workdir")
+  launch = launch_lib.launch_config()
+  for k in LAUNCH_FLAGS:
+    if a[k] is not None:
+      launch[k] = a[k]
+    del a[k]
+  launch_lib.validate(launch)
+  s.update({k: v for k, v in a.items() if v is not None})
+  s["launch"] = launch
+  return workdir, s
 
 
 def csv_list(spec, cast=str) -> list:

@@ -13,8 +13,9 @@ changed setting makes a new run directory (`repsim_jax.runs`). `train.eval_every
 a `best_val` (the eval step with the lowest val loss). The ground truth of a pair is the test
 metric (`sweep.metric`, AUC by default) of the best-validation point over the whole grid and all
 eval steps (lowest val loss), written as `source,target,metric,value` rows to
-`<workdir>/ground_truth.csv`; `<workdir>/sweep_runs.csv` lists every run. With
-`sweep.scores_csv` (a transferability job's scores.csv) and `sweep.rank`,
+`<workdir>/ground_truth.csv`; `<workdir>/sweep_runs.csv` lists every run.
+`config.launch` picks where the runs execute (`repsim_jax.launch`: inline, a local pool of
+workers, or a SLURM array through submitit). With `sweep.scores_csv` (a transferability job's scores.csv) and `sweep.rank`,
 `ranking.rank_scores` evaluates the scores against it in `<workdir>/ranking/`.
 """
 
@@ -69,6 +70,8 @@ def base_run_config(config) -> ml_collections.ConfigDict:
   """The sweep config without `sweep`, as an ordinary train config."""
   base = ml_collections.ConfigDict(config.to_dict())
   del base["sweep"]
+  if "launch" in base:
+    del base["launch"]
   base.job = "train"
   return base
 
@@ -132,6 +135,9 @@ def validate(config) -> None:
   for axis in s.grid:
     if len(axis) != 2 or not isinstance(axis[0], str) or not len(axis[1]):
       raise ValueError(f"config.sweep.grid: item {axis!r}: expected (dotted_key, (values, ...))")
+  if "launch" in config:
+    from repsim_jax import launch  # pylint: disable=g-import-not-at-top
+    launch.validate(config.launch)
   if s.rank and s.scores_csv and not os.path.isfile(s.scores_csv):
     raise FileNotFoundError(f"config.sweep.scores_csv={s.scores_csv!r}: no such file")
 
@@ -160,40 +166,41 @@ def run(config, workdir: str) -> dict:
   main = jax.process_index() == 0
   if main:
     config_lib.write_config(config, workdir)
-  truth, run_rows = [], []
-  total, count = len(targets) * len(sources) * len(points), 0
+  from repsim_jax import launch as launch_lib  # pylint: disable=g-import-not-at-top
+  tasks, pairs = [], []
   for target in targets:
     for source in sources:
-      results = {}
+      pairs.append((target, source, len(tasks)))
       for suffix, overrides in points:
-        count += 1
         name = f"{source.name}__{target}__{suffix}"
         cfg = run_config(base, source, target, overrides)
         # Per run: the number of steps may depend on the grid point (e.g. the batch size).
         cfg.train.eval_every = _eval_every(cfg, s.num_evals)
-        run_dir = runs.run_dir(os.path.join(workdir, "runs"), name, cfg)
-        if runs.read_results(run_dir) is None:
-          print(f"[sweep] run {count}/{total} {name}: training ({cfg.model.name} from "
-                f"{cfg.model.init or 'random init'}, eval every {cfg.train.eval_every})",
-                flush=True)
-        res = train.train_and_evaluate(cfg, run_dir)  # reads a finished run back
-        if not main:
-          continue
-        results[name] = res
-        bv = results[name].get("best_val") or {}
-        run_rows.append({"source": source.name, "target": target, "run": name,
-                     "best_step": bv.get("step"), "val_loss": bv.get("val", {}).get("loss"),
-                     "metric": s.metric, "value": bv.get("test", {}).get(s.metric)})
-      if not main:
-        continue
-      best_name, best = best_of(results, s.metric)
-      truth.append({"source": source.name, "target": target, "metric": s.metric,
-                    "value": float(best["test"][s.metric])})
-      print(f"[sweep] {source.name} -> {target}: best {best_name} (step {best['step']}, val loss "
-            f"{best['val']['loss']:.4f}) test {s.metric} {best['test'][s.metric]:.4f}", flush=True)
-      # Written after every pair, so a killed sweep leaves what it finished on disk.
-      _write_csv(os.path.join(workdir, "ground_truth.csv"), truth, TRUTH_COLUMNS)
-      _write_csv(os.path.join(workdir, "sweep_runs.csv"), run_rows, RUN_COLUMNS)
+        tasks.append(launch_lib.Task(cfg, runs.run_dir(os.path.join(workdir, "runs"), name, cfg),
+                                     name))
+  print(f"[sweep] {len(tasks)} runs ({len(targets)} targets x {len(sources)} sources x "
+        f"{len(points)} grid points), executor {config.launch.executor if 'launch' in config else 'inline'}",
+        flush=True)
+  results = launch_lib.run_all(tasks, config.get("launch"), folder=os.path.join(workdir, "launch"))
+  truth, run_rows = [], []
+  for target, source, first in pairs:
+    if not main:
+      continue
+    group = {t.name: r for t, r in zip(tasks[first:first + len(points)],
+                                       results[first:first + len(points)])}
+    for name, res in group.items():
+      bv = res.get("best_val") or {}
+      run_rows.append({"source": source.name, "target": target, "run": name,
+                       "best_step": bv.get("step"), "val_loss": bv.get("val", {}).get("loss"),
+                       "metric": s.metric, "value": bv.get("test", {}).get(s.metric)})
+    best_name, best = best_of(group, s.metric)
+    truth.append({"source": source.name, "target": target, "metric": s.metric,
+                  "value": float(best["test"][s.metric])})
+    print(f"[sweep] {source.name} -> {target}: best {best_name} (step {best['step']}, val loss "
+          f"{best['val']['loss']:.4f}) test {s.metric} {best['test'][s.metric]:.4f}", flush=True)
+  if main:
+    _write_csv(os.path.join(workdir, "ground_truth.csv"), truth, TRUTH_COLUMNS)
+    _write_csv(os.path.join(workdir, "sweep_runs.csv"), run_rows, RUN_COLUMNS)
   ranking = None
   if main:
     import pandas as pd  # pylint: disable=g-import-not-at-top

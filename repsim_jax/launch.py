@@ -1,0 +1,210 @@
+"""Where the runs of a multi-run job execute (`config.launch`, a study's `--executor`).
+
+- `inline`: one after another in this process (the default).
+- `local`: a pool of `workers` worker processes on this machine (submitit's local executor), each
+  with its own device visibility (`devices_per_worker` GPUs, or simulated CPU devices).
+- `slurm`: a SLURM job array through submitit (`pip install 'repsim_jax[cluster]'`), at most
+  `array_parallelism` tasks at a time, each task one run; a preempted or timed-out task is
+  requeued (up to `max_requeues`) and resumes from its last checkpoint.
+- `debug`: submitit's in-process executor (the submitit code path, no processes), for tests.
+
+Every run is a `train.train_and_evaluate(cfg, run_dir)` in a directory named by its config
+identity, so a relaunch submits only what has no results.json (finished runs are read back),
+never repeats a finished run and never mixes two configs' results. The parent collects results
+as runs finish, prints progress (finished / running / failed / queued) when it changes, and
+reports each failed run with its log path instead of hanging; finished runs stay on disk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import time
+from typing import Any, Sequence
+
+import ml_collections
+
+EXECUTORS = ("inline", "local", "slurm", "debug")
+
+
+def launch_config() -> ml_collections.ConfigDict:
+  """`config.launch`: the executor and its resources."""
+  c = ml_collections.ConfigDict()
+  c.executor = "inline"          # inline | local | slurm | debug
+  c.workers = 2                  # local: runs at once
+  c.devices_per_worker = 0       # local: GPUs per worker (CUDA_VISIBLE_DEVICES slices); on CPU,
+                                 # simulated devices per worker; 0 = every worker sees all
+  c.mem_fraction = 0.0           # local, workers sharing accelerators: XLA memory fraction per
+                                 # worker (0 = 0.9 / workers when devices_per_worker is 0)
+  c.folder = ""                  # submitit logs and pickles; "" = <workdir>/launch
+  c.partition = ""               # slurm
+  c.account = ""
+  c.qos = ""
+  c.constraint = ""
+  c.time_min = 240               # slurm: minutes per task (a task past it is requeued)
+  c.gpus_per_task = 0
+  c.cpus_per_task = 8
+  c.mem_gb = 0                   # 0 = the partition's default
+  c.array_parallelism = 64       # slurm: tasks of the array running at once
+  c.max_requeues = 3             # slurm: requeues per task after preemption / time-out
+  c.poll_seconds = 5.0
+  return c
+
+
+@dataclasses.dataclass
+class Task:
+  """One run: its config and its (identity-named) directory."""
+  cfg: ml_collections.ConfigDict
+  run_dir: str
+  name: str = ""
+
+
+class RunFailed(RuntimeError):
+  """Some runs failed; the others finished (their results are on disk)."""
+
+
+def worker_env(slot: int, launch) -> dict[str, str]:
+  """Environment of local worker `slot`: its devices and, when accelerators are shared, XLA's
+  memory settings (no preallocation, a fraction each), set before the worker imports jax."""
+  env = {}
+  k = int(launch.devices_per_worker)
+  if k:
+    env["CUDA_VISIBLE_DEVICES"] = ",".join(str(slot * k + i) for i in range(k))
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={k}"  # CPU: k simulated devices
+  else:
+    fraction = float(launch.mem_fraction) or 0.9 / max(int(launch.workers), 1)
+    env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+    env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{fraction:.3f}"
+  return env
+
+
+class TrainTask:
+  """The callable a submitit job runs. It sets the worker's environment before jax is imported
+  and, when SLURM preempts or times the task out, asks submitit to requeue the same call: the
+  trainer resumes from the run's last checkpoint."""
+
+  def __init__(self, env: dict[str, str] | None = None):
+    self.env = dict(env or {})
+
+  def __call__(self, cfg, run_dir: str) -> dict:
+    os.environ.update(self.env)
+    from repsim_jax import train  # pylint: disable=g-import-not-at-top
+    return train.train_and_evaluate(cfg, run_dir)
+
+  def checkpoint(self, cfg, run_dir: str):
+    import submitit  # pylint: disable=g-import-not-at-top
+    return submitit.helpers.DelayedSubmission(TrainTask(self.env), cfg, run_dir)
+
+
+def validate(launch) -> None:
+  if launch.executor not in EXECUTORS:
+    raise ValueError(f"config.launch.executor={launch.executor!r}: expected one of {EXECUTORS}")
+  if launch.executor == "local" and int(launch.workers) < 1:
+    raise ValueError(f"config.launch.workers={launch.workers}: expected >= 1")
+  if launch.executor != "inline" and importlib.util.find_spec("submitit") is None:
+    raise ValueError(f"config.launch.executor={launch.executor!r} needs submitit: pip install "
+                     "'repsim_jax[cluster]'")
+
+
+def _executor(launch, folder: str):
+  import submitit  # pylint: disable=g-import-not-at-top
+  if launch.executor == "debug":
+    return submitit.DebugExecutor(folder)
+  if launch.executor == "local":
+    ex = submitit.LocalExecutor(folder)
+    ex.update_parameters(timeout_min=int(launch.time_min))
+    return ex
+  ex = submitit.AutoExecutor(folder, cluster="slurm", slurm_max_num_timeout=int(launch.max_requeues))
+  params = dict(timeout_min=int(launch.time_min), slurm_array_parallelism=int(launch.array_parallelism),
+                cpus_per_task=int(launch.cpus_per_task), tasks_per_node=1, nodes=1,
+                name="repsim_jax")
+  if launch.gpus_per_task:
+    params["gpus_per_node"] = int(launch.gpus_per_task)
+  if launch.mem_gb:
+    params["mem_gb"] = int(launch.mem_gb)
+  for key in ("partition", "account", "qos", "constraint"):
+    if launch[key]:
+      params[f"slurm_{key}"] = launch[key]
+  ex.update_parameters(**params)
+  return ex
+
+
+def run_all(tasks: Sequence[Task], launch=None, folder: str = "") -> list[dict]:
+  """The results of every task, in order: finished runs read back, the others trained by the
+  executor. Raises RunFailed naming every failed run and its log once the others are done."""
+  from repsim_jax import runs  # pylint: disable=g-import-not-at-top
+  launch = launch or launch_config()
+  validate(launch)
+  if launch.executor == "inline":
+    out = []
+    for t in tasks:
+      out.append(TrainTask()(t.cfg, t.run_dir))
+      print(f"launch: {len(out)}/{len(tasks)} runs finished", flush=True)
+    return out
+  results: list[Any] = [runs.read_results(t.run_dir) for t in tasks]
+  todo = [i for i, r in enumerate(results) if r is None]
+  folder = launch.folder or folder
+  os.makedirs(folder, exist_ok=True)
+  failed: dict[int, str] = {}
+  if todo:
+    _submit_and_wait(tasks, todo, launch, folder, results, failed)
+  if failed:
+    lines = "\n".join(f"  {tasks[i].name or tasks[i].run_dir}: {why}" for i, why in failed.items())
+    raise RunFailed(f"{len(failed)} of {len(tasks)} runs failed (the others finished and are "
+                    f"kept; relaunch to retry only these):\n{lines}")
+  return results
+
+
+def _failure(job, e) -> str:
+  return (f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]} "
+          f"(log: {job.paths.stderr})")
+
+
+def _submit_and_wait(tasks, todo, launch, folder, results, failed) -> None:
+  if launch.executor == "debug":  # submitit's debug jobs run when their result is asked for
+    ex = _executor(launch, folder)
+    for i in todo:
+      job = ex.submit(TrainTask(), tasks[i].cfg, tasks[i].run_dir)
+      try:
+        results[i] = job.result()
+      except Exception as e:  # pylint: disable=broad-except
+        failed[i] = _failure(job, e)
+    return
+  pending = list(todo)            # not yet submitted
+  running: dict[int, Any] = {}    # task index -> submitit job
+  free = list(range(int(launch.workers))) if launch.executor == "local" else []
+  slot_of: dict[int, int] = {}
+  if launch.executor == "slurm":
+    ex = _executor(launch, folder)
+    with ex.batch():  # one job array
+      jobs = [ex.submit(TrainTask(), tasks[i].cfg, tasks[i].run_dir) for i in pending]
+    running, pending = dict(zip(pending, jobs)), []
+  last = None
+  while pending or running:
+    while pending and free:  # local: one worker per slot, each with its own devices
+      i, slot = pending.pop(0), free.pop(0)
+      ex = _executor(launch, os.path.join(folder, f"worker{slot}"))
+      running[i] = ex.submit(TrainTask(worker_env(slot, launch)), tasks[i].cfg, tasks[i].run_dir)
+      slot_of[i] = slot
+    for i, job in list(running.items()):
+      if not job.done():
+        continue
+      del running[i]
+      if i in slot_of:
+        free.append(slot_of.pop(i))
+      try:
+        results[i] = job.result()
+      except Exception as e:  # pylint: disable=broad-except
+        failed[i] = _failure(job, e)
+        print(f"launch: failed {tasks[i].name or tasks[i].run_dir}: {failed[i]}", flush=True)
+    # SLURM's own queue counts as queued; a local job is running once submitted.
+    waiting = sum(job.state in ("PENDING", "REQUEUED") for job in running.values()
+                  ) if launch.executor == "slurm" else 0
+    state = (sum(r is not None for r in results), len(running) - waiting, len(failed),
+             len(pending) + waiting)
+    if state != last:
+      print("launch: {} finished, {} running, {} failed, {} queued".format(*state), flush=True)
+      last = state
+    if pending or running:
+      time.sleep(float(launch.poll_seconds))

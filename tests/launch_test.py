@@ -1,0 +1,64 @@
+"""Executors of multi-run jobs (repsim_jax.launch): a local pool of worker processes and
+submitit's debug executor give the results an inline run gives; a relaunch submits only what is
+missing; a failed run is reported with its log while the others finish."""
+
+import os
+
+import pytest
+
+from repsim_jax import launch, runs, studies
+from train_test import tiny_config
+
+submitit = pytest.importorskip("submitit")
+
+
+def _plan(tmp_path, seeds):
+  return [studies.Run(tiny_config(tmp_path, **{"train.num_steps": 6, "seed": s}),
+                      {"method": "full_ft", "seed": s}) for s in seeds]
+
+
+def _launch(executor, **kw):
+  c = launch.launch_config()
+  c.executor, c.poll_seconds = executor, 0.5
+  c.update(kw)
+  return c
+
+
+def test_worker_env_slices_devices_or_shares_memory():
+  c = _launch("local", workers=4, devices_per_worker=2)
+  assert launch.worker_env(1, c)["CUDA_VISIBLE_DEVICES"] == "2,3"
+  shared = launch.worker_env(0, _launch("local", workers=4))
+  assert shared == {"XLA_PYTHON_CLIENT_PREALLOCATE": "false",
+                    "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.225"}
+  with pytest.raises(ValueError, match=r"config.launch.executor='pbs'"):
+    launch.validate(_launch("pbs"))
+
+
+def test_debug_executor_equals_inline(tmp_path):
+  """The submitit code path in this process (its debug jobs open a debugger on an exception,
+  so failures are tested with the local pool)."""
+  inline = studies.execute(str(tmp_path / "inline"), _plan(tmp_path / "a", [0, 1]))
+  debug = studies.execute(str(tmp_path / "debug"), _plan(tmp_path / "a", [0, 1]),
+                          _launch("debug"))
+  assert [r["final"] for r in debug] == [r["final"] for r in inline]
+
+
+@pytest.mark.slow
+def test_local_pool_runs_what_is_missing_and_keeps_finished_runs(tmp_path, capsys):
+  workdir = str(tmp_path / "study")
+  plan = _plan(tmp_path, [0, 1, 2])
+  studies.execute(workdir, plan[:1])  # one finished before the launch
+  bad = studies.Run(tiny_config(tmp_path, **{"data.name": "no_such_kind"}), {"method": "bad"})
+  with pytest.raises(launch.RunFailed) as e:
+    studies.execute(workdir, plan + [bad], _launch("local", workers=2))
+  log = str(e.value).split("(log: ")[1].split(")")[0]
+  assert os.path.exists(log) and "no_such_kind" in open(log).read()
+  out = capsys.readouterr().out
+  assert "launch: 3 finished, 0 running, 1 failed, 0 queued" in out
+  for run in plan:
+    assert runs.read_results(studies.run_dir(workdir, run)) is not None
+  inline = studies.execute(str(tmp_path / "inline"), _plan(tmp_path, [0, 1, 2]))
+  launched = os.listdir(os.path.join(workdir, "launch"))
+  again = studies.execute(workdir, plan, _launch("local", workers=2))
+  assert os.listdir(os.path.join(workdir, "launch")) == launched  # nothing submitted
+  assert [r["final"] for r in again] == [r["final"] for r in inline]
