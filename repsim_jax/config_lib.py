@@ -109,6 +109,9 @@ def data_config() -> ml_collections.ConfigDict:
   d.std = (0.25, 0.25, 0.25)
   d.augment = "flip_crop"    # none | flip_crop
   d.worker_count = 0
+  # MedMNIST npz: images read memory-mapped from a per-split .npy cache beside the file (made
+  # once), so grain workers share pages instead of copying the set: auto (files >= 256 MB) | on | off.
+  d.mmap = "auto"
   d.num_classes = 4          # synthetic
   d.train_size = 2000          # synthetic
   d.val_size = 400           # synthetic

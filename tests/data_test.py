@@ -309,3 +309,57 @@ def test_tfds_data_source_without_tensorflow(tmp_path):
   with pytest.raises(ValueError, match="missing feature 'mask'"):
     load_dataset(_cfg(source="tfds", name="reprsim_tiny_med", data_dir=str(tmp_path),
                       label_key="mask"))
+
+
+def _write_npz(path, n=40, seed=0):
+  rng = np.random.default_rng(seed)
+  arrays = {}
+  for split, k in (("train", n), ("val", 8), ("test", 12)):
+    arrays[f"{split}_images"] = rng.integers(0, 255, (k, 28, 28), dtype=np.uint8)
+    arrays[f"{split}_labels"] = rng.integers(0, 2, (k, 1))
+  np.savez(path, **arrays)
+  return arrays
+
+
+def test_mmap_cache_equals_the_npz_and_is_rebuilt_when_it_changes(tmp_path):
+  import pickle
+  from repsim_jax.data import medmnist
+  path = str(tmp_path / "breastmnist.npz")
+  arrays = _write_npz(path)
+  spec = medmnist.medmnist_spec("breastmnist", 28)
+  mapped, info = medmnist.load_npz(path, spec, mmap=True)
+  assert info.image_shape == (28, 28, 1)
+  for split in ("train", "val", "test"):
+    np.testing.assert_array_equal(mapped[split].images[..., 0], arrays[f"{split}_images"])
+    np.testing.assert_array_equal(mapped[split].labels, arrays[f"{split}_labels"][:, 0])
+  # Pickled as its path (what grain workers and pool workers receive), not as the pixels.
+  blob = pickle.dumps(mapped["train"])
+  assert len(blob) < 2000
+  np.testing.assert_array_equal(pickle.loads(blob).images, mapped["train"].images)
+  arrays = _write_npz(path, n=30, seed=1)  # a new file: another size and mtime
+  again, _ = medmnist.load_npz(path, spec, mmap=True)
+  np.testing.assert_array_equal(again["train"].images[..., 0], arrays["train_images"])
+  # Invalid files fail as they do without the cache.
+  bad = dict(arrays, train_labels=np.full((30, 1), 5))
+  np.savez(path, **bad)
+  with pytest.raises(ValueError, match=r"train_labels' has labels in \[5, 5\]"):
+    medmnist.load_npz(path, spec, mmap=True)
+
+
+def test_mapped_source_feeds_grain_workers_the_same_batches(tmp_path):
+  from repsim_jax.data import make_train_iter, medmnist
+  path = str(tmp_path / "breastmnist.npz")
+  _write_npz(path, n=64)
+  spec = medmnist.medmnist_spec("breastmnist", 28)
+  mem, _ = medmnist.load_npz(path, spec, mmap=False)
+  mapped, _ = medmnist.load_npz(path, spec, mmap=True)
+  kw = dict(global_batch_size=16, image_size=28, channels=1, seed=3)
+  a = make_train_iter(mem["train"], **kw)
+  b = make_train_iter(mapped["train"], worker_count=2, **kw)
+  try:
+    for _ in range(6):
+      x, y = next(a), next(b)
+      np.testing.assert_array_equal(x["image"], y["image"])
+  finally:
+    a.close()
+    b.close()

@@ -72,6 +72,26 @@ class ArraySource:
     self.labels = labels.astype(np.int32, copy=False)
     self.name = name
 
+  @classmethod
+  def mapped(cls, images_path: str, labels: np.ndarray, name: str = "array") -> "ArraySource":
+    """Images memory-mapped (read-only) from an .npy file. Pickled (to grain workers, a local
+    pool) as the file's path, so every process maps the same pages instead of copying them."""
+    src = cls(np.load(images_path, mmap_mode="r"), labels, name)
+    src.images_path = images_path
+    return src
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    if state.get("images_path"):
+      del state["images"]
+    return state
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    if "images" not in state:
+      images = np.load(state["images_path"], mmap_mode="r")
+      self.images = images[..., None] if images.ndim == 3 else images
+
   def __len__(self) -> int:
     return int(self.images.shape[0])
 

@@ -119,7 +119,10 @@ def config_defaults() -> dict:
 
 def _medmnist(c):
   from repsim_jax.data.medmnist import load_medmnist  # pylint: disable=g-import-not-at-top
-  return load_medmnist(c["name"], int(c["size"]), c["data_dir"])
+  mmap = {"auto": "auto", "on": True, "off": False}.get(c["mmap"])
+  if mmap is None:
+    raise ValueError(f"config.data.mmap={c['mmap']!r}: expected 'auto', 'on' or 'off'")
+  return load_medmnist(c["name"], int(c["size"]), c["data_dir"], mmap=mmap)
 
 
 def _image_folder(c):

@@ -9,6 +9,7 @@ synthetic data sets, so those exercise this exact code path.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import zipfile
 import zlib
@@ -120,19 +121,11 @@ def _validate_split(path: str, split: str, images: np.ndarray, labels: np.ndarra
                        f"for {spec.name} ({spec.task})")
 
 
-def load_npz(path: str, spec: NpzSpec, splits=SPLITS) -> tuple[dict[str, ArraySource], DatasetInfo]:
-  """Loads and validates a MedMNIST-format npz.
+MMAP_MIN_BYTES = 256 << 20  # "auto": files at least this large are read memory-mapped
+_CACHE_FORMAT = 1
 
-  Args:
-    path: the .npz file.
-    spec: expected label space and image geometry.
-    splits: which of train/val/test to load.
 
-  Returns:
-    ({split: ArraySource}, DatasetInfo). Sources hold images uint8 (N, H, W, C) and labels int32
-    (N,) (or (N, L) for multi-label).
-  """
-  path = os.fspath(path)
+def _open_npz(path: str):
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path}: file not found")
   try:
@@ -141,30 +134,111 @@ def load_npz(path: str, spec: NpzSpec, splits=SPLITS) -> tuple[dict[str, ArraySo
     raise ValueError(f"{path}: not a readable .npz file ({type(err).__name__}: {err})") from None
   if not isinstance(npz, np.lib.npyio.NpzFile):
     raise ValueError(f"{path}: expected an .npz archive, got a single {type(npz).__name__}")
+  return npz
+
+
+def _split_source(path, split, images, labels, spec, shape) -> ArraySource:
+  _validate_split(path, split, images, labels, spec)
+  src = ArraySource(images, labels, name=f"{spec.name}/{split}")
+  if spec.task != "multilabel" and src.labels.ndim == 2:
+    src.labels = src.labels[:, 0]
+  if shape is not None and src.images.shape[1:] != shape:
+    raise ValueError(f"{path}: key '{split}_images' has image shape {src.images.shape[1:]}, "
+                     f"other splits have {shape}")
+  return src
+
+
+def load_npz(path: str, spec: NpzSpec, splits=SPLITS,
+             mmap: bool | str = "auto") -> tuple[dict[str, ArraySource], DatasetInfo]:
+  """Loads and validates a MedMNIST-format npz.
+
+  Args:
+    path: the .npz file.
+    spec: expected label space and image geometry.
+    splits: which of train/val/test to load.
+    mmap: True: read the images memory-mapped from a cache of per-split .npy files beside the
+      npz (`<path>.mmap/`, made on first use, keyed by the npz's size and mtime), so processes
+      (grain workers, a local pool) share its pages instead of each holding a copy; False: in
+      process memory; "auto": memory-mapped for files of MMAP_MIN_BYTES or more.
+
+  Returns:
+    ({split: ArraySource}, DatasetInfo). Sources hold images uint8 (N, H, W, C) and labels int32
+    (N,) (or (N, L) for multi-label).
+  """
+  path = os.fspath(path)
+  if mmap == "auto":
+    mmap = os.path.exists(path) and os.path.getsize(path) >= MMAP_MIN_BYTES
+  if mmap:
+    cached = _mapped(path, spec, splits)
+    if cached is not None:
+      return cached
   out = {}
   shape = None
-  with npz:
+  with _open_npz(path) as npz:
     for split in splits:
-      images = _read_key(npz, path, f"{split}_images")
-      labels = _read_key(npz, path, f"{split}_labels")
-      _validate_split(path, split, images, labels, spec)
-      src = ArraySource(images, labels, name=f"{spec.name}/{split}")
-      if spec.task != "multilabel" and src.labels.ndim == 2:
-        src.labels = src.labels[:, 0]
-      if shape is not None and src.images.shape[1:] != shape:
-        raise ValueError(f"{path}: key '{split}_images' has image shape {src.images.shape[1:]}, "
-                         f"other splits have {shape}")
-      shape = src.images.shape[1:]
-      out[split] = src
-  info = DatasetInfo(spec.name, spec.num_classes, spec.task, shape)
-  return out, info
+      out[split] = _split_source(path, split, _read_key(npz, path, f"{split}_images"),
+                                 _read_key(npz, path, f"{split}_labels"), spec, shape)
+      shape = out[split].images.shape[1:]
+  return out, DatasetInfo(spec.name, spec.num_classes, spec.task, shape)
 
 
-def load_medmnist(name: str, size: int = 28, data_dir: str = "~/.medmnist",
-                  splits=SPLITS) -> tuple[dict[str, ArraySource], DatasetInfo]:
-  """Loads one of the 12 MedMNIST 2D sets from `data_dir/<name>[_<size>].npz`."""
+def _cache_key(path: str) -> dict:
+  st = os.stat(path)
+  return {"format": _CACHE_FORMAT, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _mapped(path: str, spec: NpzSpec, splits):
+  """The memory-mapped sources of `path` from its cache (converted, validated, first); None
+  (read into memory instead) when the cache directory cannot be written."""
+  from repsim_jax import io  # pylint: disable=g-import-not-at-top
+  cache = path + ".mmap"
+  meta_path = os.path.join(cache, "meta.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: file not found")
+  key = _cache_key(path)
+  meta = None
+  if os.path.exists(meta_path):
+    with open(meta_path) as f:
+      meta = json.load(f)
+  if meta is None or meta.get("key") != key or not set(splits) <= set(meta.get("splits", ())):
+    try:
+      os.makedirs(cache, exist_ok=True)
+      shape, done = None, []
+      with _open_npz(path) as npz:
+        for split in SPLITS:
+          if f"{split}_images" not in npz.files and split not in splits:
+            continue
+          src = _split_source(path, split, _read_key(npz, path, f"{split}_images"),
+                              _read_key(npz, path, f"{split}_labels"), spec, shape)
+          shape = src.images.shape[1:]
+          for kind, arr in (("images", src.images), ("labels", src.labels)):
+            io.atomic_write(os.path.join(cache, f"{split}_{kind}.npy"),
+                            lambda tmp, arr=arr: np.save(tmp, arr))
+          done.append(split)
+          del src
+      meta = {"key": key, "splits": done, "spec": dataclasses.asdict(spec)}
+      io.write_text(meta_path, json.dumps(meta) + "\n")  # last: the cache is whole
+    except PermissionError as e:
+      print(f"warning: {cache}: cannot write the memory-map cache ({e.strerror}); reading "
+            f"{path} into memory", flush=True)
+      return None
+  if meta["spec"] != dataclasses.asdict(spec):
+    raise ValueError(f"{cache}: made for {meta['spec']['name']}, not {spec.name}; remove it")
+  out, shape = {}, None
+  for split in splits:
+    labels = np.load(os.path.join(cache, f"{split}_labels.npy"))
+    out[split] = ArraySource.mapped(os.path.join(cache, f"{split}_images.npy"), labels,
+                                    name=f"{spec.name}/{split}")
+    shape = out[split].images.shape[1:]
+  return out, DatasetInfo(spec.name, spec.num_classes, spec.task, shape)
+
+
+def load_medmnist(name: str, size: int = 28, data_dir: str = "~/.medmnist", splits=SPLITS,
+                  mmap: bool | str = "auto") -> tuple[dict[str, ArraySource], DatasetInfo]:
+  """Loads one of the 12 MedMNIST 2D sets from `data_dir/<name>[_<size>].npz` (`mmap`: see
+  `load_npz`)."""
   spec = medmnist_spec(name, size)
   path = os.path.join(os.path.expanduser(os.fspath(data_dir)), medmnist_filename(name, size))
   if not os.path.exists(path):
     raise FileNotFoundError(f"MedMNIST file not found: expected {path}; {_DOWNLOAD_HINT}")
-  return load_npz(path, spec, splits)
+  return load_npz(path, spec, splits, mmap)
