@@ -10,7 +10,8 @@ split); and at the end SAM sharpness (ρ = 0.05) and the Hessian's top eigenvalu
 set of val batches (BatchNorm in eval mode). The report gives each method's relative change against
 full fine-tuning on the same target (mean over seeds), as the paper reports it (+30% similarity,
 -42% sharpness for RepSim). `small`: the default run's source (synthetic natural, pretrained
-here once) and two synthetic targets, about 15 minutes on 2 CPU cores. `full`: five MedMNIST sets
+here once) and two synthetic targets, 2 seeds, about 16 minutes on 2 CPU cores
+(`--seeds=0,1,2`: about 25). `full`: five MedMNIST sets
 at 224 px (download `<name>_224.npz` into --data_dir) from ImageNet ResNet-50 weights (`python -m
 repsim_jax.models.export torchvision:resnet50 weights/r50.safetensors`), on accelerators.
 Outputs: results.csv (one row per run), summary.csv (mean, std, n per target and method),
@@ -36,7 +37,7 @@ SYNTHETIC = ("natural", "medical_gray", "medical_rgb")
 
 SETTINGS = {
     "small": dict(source="pretrain", targets="medical_gray,medical_rgb", methods=METHODS,
-                  seeds="0,1,2", model="resnet_small", size=32, pretrain_steps=1000,
+                  seeds="0,1", model="resnet_small", size=32, pretrain_steps=1000,
                   finetune_steps=300, batch=64, lam=0.3, data_dir=""),
     "full": dict(source="weights/r50.safetensors",
                  targets="pathmnist,dermamnist,bloodmnist,breastmnist,pneumoniamnist",
@@ -51,15 +52,10 @@ HEADERS = {"accuracy": "accuracy", "balanced_accuracy": "balanced acc.", "auc": 
 
 
 def base_configs(s: dict):
-  """(pretraining config, fine-tuning config) of the default run, at this setting's sizes."""
-  base = config_lib.load_config(
-      os.path.join(CONFIGS, "default.py"), f"pretrain_steps={s['pretrain_steps'] or 1},"
-      f"finetune_steps={s['finetune_steps']},size={s['size']},model={s['model']},lam={s['lam']}")
-  for c in (base.pretrain, base.finetune):
-    if s["data_dir"]:
-      c.data.data_dir = s["data_dir"]
-    c.train.batch_size = s["batch"]
-  return base.pretrain, base.finetune, base.methods["repsim"]
+  """(pretraining config, fine-tuning config, RepSim method) at this setting's sizes."""
+  b = config_lib.load_config(os.path.join(CONFIGS, "study.py"), studies.config_arg(
+      s, "pretrain_steps", "finetune_steps", "size", "model", "lam", "batch", "data_dir"))
+  return b.pretrain, b.finetune, b.repsim
 
 
 def method(name: str, repsim) -> config_lib.ml_collections.ConfigDict:

@@ -38,12 +38,8 @@ SETTINGS = {
 
 
 def plan(workdir: str, s: dict) -> list[studies.Run]:
-  base = config_lib.load_config(
-      os.path.join(CONFIGS, "default.py"), f"pretrain_steps={s['pretrain_steps'] or 1},"
-      f"finetune_steps={s['finetune_steps']},size={s['size']},model={s['model']}")
-  for c in (base.pretrain, base.finetune):
-    if s["data_dir"]:
-      c.data.data_dir = s["data_dir"]
+  base = config_lib.load_config(os.path.join(CONFIGS, "study.py"), studies.config_arg(
+      s, "pretrain_steps", "finetune_steps", "size", "model", "data_dir"))
   init = s["source"]
   if init == "pretrain":
     init = studies.sources(workdir, {"natural": base.pretrain}, s.get("launch"))["natural"]

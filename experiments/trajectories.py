@@ -48,15 +48,10 @@ SETTINGS = {
 
 
 def base_configs(s: dict):
-  """The default run's (pretraining, fine-tuning, RepSim method) configs at this setting."""
-  base = config_lib.load_config(
-      os.path.join(CONFIGS, "default.py"), f"pretrain_steps={s['pretrain_steps'] or 1},"
-      f"finetune_steps={s['finetune_steps']},size={s['size']},model={s['model']},lam={s['lam']}")
-  for c in (base.pretrain, base.finetune):
-    if s["data_dir"]:
-      c.data.data_dir = s["data_dir"]
-    c.train.batch_size = s["batch"]
-  return base.pretrain, base.finetune, base.methods["repsim"]
+  """The shared study base (configs/study.py) at this setting's sizes."""
+  return config_lib.load_config(os.path.join(CONFIGS, "study.py"), studies.config_arg(
+      s, "pretrain_steps", "ssl_steps", "finetune_steps", "size", "model", "lam", "batch",
+      "data_dir"))
 
 
 def source_task(pre, s: dict):
@@ -68,28 +63,19 @@ def source_task(pre, s: dict):
   return d
 
 
-def pretrain_config(pre, objective: str, s: dict):
-  if objective == "supervised":
-    return copy.deepcopy(pre)
-  c = config_lib.load_config(
-      os.path.join(CONFIGS, "pretrain.py"), f"objective={objective},model={s['model']},"
-      f"size={s['size']},steps={s['ssl_steps']},batch={s['batch']}")
-  c.data = copy.deepcopy(pre.data)  # the same images as the supervised source
-  return c
-
-
-def sources(workdir: str, s: dict, pre) -> dict[str, str]:
+def sources(workdir: str, s: dict, b) -> dict[str, str]:
   """{name: init}: `pretrain:<objective>` sources trained here (once each), others as given."""
   given = dict(item.partition("=")[::2] for item in studies.csv_list(s["sources"]))
-  trained = studies.sources(workdir, {name: pretrain_config(pre, init.split(":", 1)[1], s)
+  trained = studies.sources(workdir, {name: studies.source_config(b, init.split(":", 1)[1])
                                       for name, init in given.items()
                                       if init.startswith("pretrain:")}, s.get("launch"))
   return {name: trained.get(name, init) for name, init in given.items()}
 
 
 def plan(workdir: str, s: dict) -> list[studies.Run]:
-  pre, f, repsim = base_configs(s)
-  inits = sources(workdir, s, pre)
+  b = base_configs(s)
+  pre, f, repsim = b.pretrain, b.finetune, b.repsim
+  inits = sources(workdir, s, b)
   f.data.name = s["target"]
   if s["target"] not in ("medical_gray", "medical_rgb", "natural"):
     f.data.source, f.data.size = "medmnist", s["size"]

@@ -53,30 +53,13 @@ SYNTHETIC = ("natural", "medical_gray", "medical_rgb")
 
 
 def base_configs(s: dict):
-  base = config_lib.load_config(
-      os.path.join(CONFIGS, "default.py"), f"pretrain_steps={s['pretrain_steps']},"
-      f"finetune_steps={s['finetune_steps']},size={s['size']},model={s['model']}")
-  for c in (base.pretrain, base.finetune):
-    if s["data_dir"]:
-      c.data.data_dir = s["data_dir"]
-    c.train.batch_size = s["batch"]
+  """The shared study base (configs/study.py), its sources on a TFDS set unless `natural`."""
+  b = config_lib.load_config(os.path.join(CONFIGS, "study.py"), studies.config_arg(
+      s, "pretrain_steps", "ssl_steps", "finetune_steps", "size", "model", "batch", "data_dir"))
   if s["source"] != "natural":  # a TFDS source at the targets' size
-    base.pretrain.data.update(dict(source="tfds", name=s["source"], image_size=s["size"]))
-  return base.pretrain, base.finetune
-
-
-def pretrain_config(pre, objective: str, s: dict):
-  """The supervised source, or the same images with an SSL objective's recipe."""
-  if objective == "supervised":
-    return copy.deepcopy(pre)
-  c = config_lib.load_config(
-      os.path.join(CONFIGS, "pretrain.py"), f"objective={objective},model={s['model']},"
-      f"size={s['size']},steps={s['ssl_steps']},batch={s['batch']}")
-  c.data = copy.deepcopy(pre.data)
-  c.train.eval_splits = ("val",)
-  if objective == "dino" and s["size"] < 96:
-    c.ssl.out_dim, c.ssl.local_crops = 4096, 2  # DINO's 65,536 prototypes dwarf a small model
-  return c
+    for c in (b.pretrain, *b.ssl.values()):
+      c.data.update(dict(source="tfds", name=s["source"], image_size=s["size"]))
+  return b
 
 
 def target(f, name: str, s: dict, **data):
@@ -105,9 +88,10 @@ def axis_points(f, s: dict) -> list[tuple[str, str, object]]:
 
 
 def plan(workdir: str, s: dict) -> list[studies.Run]:
-  pre, f = base_configs(s)
+  b = base_configs(s)
+  f = b.finetune
   objectives = studies.csv_list(s["objectives"])
-  inits = studies.sources(workdir, {o: pretrain_config(pre, o, s) for o in objectives},
+  inits = studies.sources(workdir, {o: studies.source_config(b, o) for o in objectives},
                           s.get("launch"))
   out = []
   for axis, value, d in axis_points(f, s):

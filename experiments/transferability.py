@@ -22,7 +22,6 @@ about 15 minutes on 2 CPU cores; `full`: MedMNIST targets from published checkpo
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shutil
@@ -53,9 +52,8 @@ SETTINGS = {
 
 def source_configs(s: dict) -> dict:
   """{name: pretraining config} of the `objective:kind` sources."""
-  base = config_lib.load_config(os.path.join(CONFIGS, "default.py"),
-                                f"pretrain_steps={s['pretrain_steps'] or 1},size={s['size']},"
-                                f"model={s['model']}").pretrain
+  b = config_lib.load_config(os.path.join(CONFIGS, "study.py"), studies.config_arg(
+      s, "pretrain_steps", "ssl_steps", "size", "model", "batch", "data_dir"))
   out = {}
   for item in studies.csv_list(s["sources"]):
     name, _, spec = item.partition("=")
@@ -63,18 +61,8 @@ def source_configs(s: dict) -> dict:
     if kind not in SYNTHETIC:
       raise ValueError(f"--sources: {item!r}: expected name=<objective>:<synthetic kind> "
                        f"(kinds: {', '.join(SYNTHETIC)})")
-    if objective == "supervised":
-      c = copy.deepcopy(base)
-    else:
-      c = config_lib.load_config(
-          os.path.join(CONFIGS, "pretrain.py"), f"objective={objective},model={s['model']},"
-          f"size={s['size']},steps={s['ssl_steps']},batch={s['batch']}")
-      c.data = copy.deepcopy(base.data)
-      c.train.eval_splits = ("val",)
-    c.data.name = kind
-    if s["data_dir"]:
-      c.data.data_dir = s["data_dir"]
-    out[name] = c
+    out[name] = studies.source_config(b, objective)
+    out[name].data.name = kind
   return out
 
 

@@ -23,7 +23,8 @@ import jax
 
 # Keys (dotted; a trailing '.' is a whole block) that change no computed number.
 NOT_IDENTITY = ("name", "job", "train.log_every", "train.tensorboard", "train.checkpoint_every",
-                "train.keep_checkpoints", "data.worker_count", "data.mmap", "parallel.",
+                "train.keep_checkpoints", "data.worker_count", "data.mmap",
+                "analysis.source_data.worker_count", "analysis.source_data.mmap", "parallel.",
                 "launch.")
 
 

@@ -13,6 +13,7 @@ numbers are the CSV's.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import os
@@ -124,6 +125,19 @@ def parse_settings(doc: str, settings: Mapping[str, dict], argv=None) -> tuple[s
   s.update({k: v for k, v in a.items() if v is not None})
   s["launch"] = launch
   return workdir, s
+
+
+def config_arg(setting: Mapping[str, Any], *keys: str) -> str:
+  """'k1=v1,k2=v2' of a setting's `keys`, for `config_lib.load_config(path, arg)`."""
+  return ",".join(f"{k}={setting[k]}" for k in keys)
+
+
+def source_config(base, objective: str) -> ml_collections.ConfigDict:
+  """A copy of a study base's (configs/study.py) source pretraining for `objective`:
+  `supervised`, or an SSL one of `base.ssl`."""
+  if objective != "supervised" and objective not in base.ssl:
+    raise ValueError(f"objective {objective!r}: expected supervised or one of {sorted(base.ssl)}")
+  return copy.deepcopy(base.pretrain if objective == "supervised" else base.ssl[objective])
 
 
 def csv_list(spec, cast=str) -> list:

@@ -60,7 +60,11 @@ def test_run_names_set_keys_and_settings():
       seeds="0,1,2", steps=100, lam=1.0, target={"x": 2})}
   workdir, s = studies.parse_settings("doc\nmore", settings, ["--workdir=w", "--setting=full",
                                                               "--steps=7"])
+  assert s.pop("launch").executor == "inline"
   assert workdir == "w" and s == dict(seeds="0,1,2", steps=7, lam=1.0, target={"x": 2})
+  _, s = studies.parse_settings("doc", settings, ["--workdir=w", "--executor=local",
+                                                  "--workers=3"])
+  assert (s["launch"].executor, s["launch"].workers) == ("local", 3)
   with pytest.raises(SystemExit):
     studies.parse_settings("doc", settings, ["--workdir=w", "--target=3"])
   assert studies.csv_list("0, 1,,2", int) == [0, 1, 2]
