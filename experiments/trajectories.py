@@ -14,7 +14,9 @@ here on the synthetic natural source: supervised, simclr, byol or dino) or a run
 weights file with `--source_data` naming its labelled task. Writes trajectories.csv (one row
 per run and evaluation), fits.csv (Pearson r, slope, p, n of each layer's CKA against each
 indicator, over all runs and checkpoints, pooled and per source), findings.csv, trajectories.png
-(the (CKA, accuracy) plane per source), indicators.png and report.md. `small`: synthetic data,
+(the (CKA, accuracy) plane per source), indicators.png, sharpness.png (the SAM sharpness of the
+training batch over training, measured inside the jitted step: `analysis.in_step_sharpness`) and
+report.md. `small`: synthetic data,
 about 15 minutes on 2 CPU cores; `full`: DermaMNIST at 64 px from ImageNet weights.
 """
 
@@ -32,7 +34,8 @@ from repsim_jax.cpu import host
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs")
 INDICATORS = {"knn_accuracy": "source k-NN accuracy", "linear_probe_accuracy":
-              "source linear-probe accuracy", "ece": "target ECE", "accuracy": "target accuracy"}
+              "source linear-probe accuracy", "ece": "target ECE", "accuracy": "target accuracy",
+              "sam_sharpness": "SAM sharpness (train batch)"}
 
 SETTINGS = {
     "small": dict(sources="supervised=pretrain:supervised,simclr=pretrain:simclr",
@@ -82,6 +85,9 @@ def plan(workdir: str, s: dict) -> list[studies.Run]:
   f.train.eval_every = max(1, s["finetune_steps"] // s["evals"])
   f.train.eval_splits = ("val", "test")
   f.analysis.eval_similarity = True
+  # SAM sharpness of the global batch inside the step, on logged steps: sharpness over training.
+  f.analysis.in_step_sharpness = "sam"
+  f.train.log_every = f.train.eval_every
   f.analysis.source_data = source_task(pre, s)
   out = []
   for name in studies.csv_list(s["methods"]):
@@ -100,6 +106,10 @@ def trajectory(workdir: str, run: studies.Run, res: dict) -> pd.DataFrame:
   test = studies.history(workdir, res, "test")[["step", "accuracy", "auc", "ece"]]
   src = studies.history(workdir, res, "source")
   out = test.merge(src, on="step", how="left")
+  train = studies.history(workdir, res, "train")
+  if "sharpness/sam" in train:
+    out = out.merge(train[["step", "sharpness/sam"]].rename(
+        columns={"sharpness/sam": "sam_sharpness"}), on="step", how="left")
   if run.cfg.model.init:
     sim = studies.history(workdir, res, "similarity")
     sim = sim[["step"] + [c for c in sim if c.startswith("linear_cka/")]]
@@ -135,7 +145,7 @@ def fits(df: pd.DataFrame) -> pd.DataFrame:
   groups = [("all", pre)] + [(f"source={s}", g) for s, g in pre.groupby("source", sort=False)]
   for group, g in groups:
     for layer in layers(df):
-      for ind in INDICATORS:
+      for ind in (i for i in INDICATORS if i in g):
         d = g[[layer, ind]].dropna()
         if len(d) < 3 or d[layer].nunique() < 2:
           continue
@@ -214,18 +224,21 @@ def write_outputs(df: pd.DataFrame, workdir: str) -> None:
                                         "indicator", "r": "r", "slope": "slope", "p_value": "p",
                                         "n": "n"}, digits=4)
   end = final(df)
+  cols = ["accuracy", "ece", "knn_accuracy", "linear_probe_accuracy", "sam_sharpness"]
   summary = end.groupby(["source", "method"], sort=False).agg(
-      **{c: (c, "mean") for c in ["accuracy", "ece", "knn_accuracy", "linear_probe_accuracy"]
-         + [l for l in layers(df)]}).reset_index()
+      **{c: (c, "mean") for c in [c for c in cols if c in df] + layers(df)}).reset_index()
   lines += ["", "## At the end of training (mean over seeds)", ""]
   lines += studies.markdown_table(summary, digits=4)
   lines += ["", "Rows per evaluation: `trajectories.csv`; fits: `fits.csv`; findings: "
             "`findings.csv`; end of training: `final.csv`; plots: `trajectories.png`, "
-            "`indicators.png`."]
+            "`indicators.png`" + (", `sharpness.png` (SAM sharpness of the training batch, "
+                                  "inside the step)" if "sam_sharpness" in df else "") + "."]
   studies.write_outputs(workdir, {"trajectories": df, "fits": fit, "findings": found,
                                   "final": summary},
                         {"trajectories.png": lambda p: plot_trajectories(df, p),
-                         "indicators.png": lambda p: plot_indicators(df, fit, p)}, lines)
+                         "indicators.png": lambda p: plot_indicators(df, fit, p),
+                         **({"sharpness.png": lambda p: plot_sharpness(df, p)}
+                            if "sam_sharpness" in df else {})}, lines)
 
 
 def plot_trajectories(df: pd.DataFrame, path: str) -> None:
@@ -260,6 +273,36 @@ def plot_trajectories(df: pd.DataFrame, path: str) -> None:
     plots.save(fig, path)
 
 
+def plot_sharpness(df: pd.DataFrame, path: str) -> None:
+  """SAM sharpness of the training batch over training, a panel per source, a line per method:
+  mean ± std over seeds at each evaluation step."""
+  from repsim_jax import plots  # pylint: disable=g-import-not-at-top
+  srcs = list(dict.fromkeys(df.source))
+  methods = list(dict.fromkeys(df.method))
+  with plots.figure(ncols=len(srcs), width=3.8, height=3.2) as (fig, axes):
+    for ax, src in zip(axes, srcs):
+      for i, m in enumerate(methods):
+        g = df[(df.source == src) & (df.method == m)].dropna(subset=["sam_sharpness"])
+        if g.empty:
+          continue
+        agg = g.groupby("step").sam_sharpness.agg(["mean", "std"]).fillna(0.0)
+        ax.errorbar(agg.index, agg["mean"], yerr=agg["std"], marker="o", ms=3, capsize=2,
+                    label=m, color=plots.PALETTE[i % len(plots.PALETTE)])
+      ax.set_xlabel("training step")
+      ax.set_ylabel("SAM sharpness of the train batch (ρ = 0.05)")
+      ax.set_title(f"source: {src}; mean ± std over {df.seed.nunique()} seed(s)", fontsize=9)
+    handles, labels = [], []
+    for ax in axes:
+      for h, lab in zip(*ax.get_legend_handles_labels()):
+        if lab not in labels:
+          handles.append(h)
+          labels.append(lab)
+    fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 6),
+               bbox_to_anchor=(0.5, 1.0))
+    fig.subplots_adjust(top=0.8, wspace=0.35)
+    plots.save(fig, path)
+
+
 def plot_indicators(df: pd.DataFrame, fit: pd.DataFrame, path: str) -> None:
   """Each indicator against CKA at pre_logits, every run from a pretrained source at every
   evaluation (colour: method; marker: source), with the pooled least-squares line."""
@@ -267,7 +310,7 @@ def plot_indicators(df: pd.DataFrame, fit: pd.DataFrame, path: str) -> None:
   pre = df[df.method != "scratch"]
   methods, srcs = list(dict.fromkeys(pre.method)), list(dict.fromkeys(pre.source))
   markers = "os^Dv"
-  inds = [k for k in INDICATORS if k != "accuracy"]
+  inds = ["knn_accuracy", "linear_probe_accuracy", "ece"]
   with plots.figure(ncols=len(inds), width=3.6, height=3.2) as (fig, axes):
     for ax, ind in zip(axes, inds):
       for (i, m), (j, s) in [(a, b) for a in enumerate(methods) for b in enumerate(srcs)]:

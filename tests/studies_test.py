@@ -127,6 +127,7 @@ def _trajectory_rows():
                        "accuracy": 0.3 + 0.3 * cka + rng.normal(0, 0.02), "auc": 0.7,
                        "ece": rng.uniform(0, 0.2), "knn_accuracy": 0.1 + 0.5 * cka,
                        "linear_probe_accuracy": rng.uniform(0.1, 0.6), "cka_stem": 0.9,
+                       "sam_sharpness": rng.uniform(0.01, 0.2),
                        "cka_layer1": rng.uniform(0.5, 1.0), "cka_pre_logits": cka})
   for seed in range(2):
     for step in (10, 20, 30):
@@ -149,7 +150,7 @@ def test_trajectories_report(tmp_path):
   assert row.r == pytest.approx(1.0) and row.slope == pytest.approx(r.slope)
   assert row.n == len(pre)
   assert "## Findings" in report and "(third finding" in report
-  for name in ("trajectories.png", "indicators.png"):
+  for name in ("trajectories.png", "indicators.png", "sharpness.png"):
     assert (tmp_path / name).stat().st_size > 10_000
 
 
@@ -263,6 +264,8 @@ def test_trajectories_end_to_end(tmp_path, capsys):
   assert len(df) == (2 * 2 + 1) * 2  # (2 methods x 2 sources + scratch) x 2 evaluations
   lp = df[df.method == "linear_probe"]
   assert np.allclose(lp.cka_pre_logits, 1.0, atol=1e-5)
+  assert (df.sam_sharpness.notna() & (df.sam_sharpness > 0)).all()  # in-step, every evaluation
+  assert (tmp_path / "sharpness.png").stat().st_size > 10_000
 
 
 @pytest.mark.slow
