@@ -46,14 +46,23 @@ def run_dir(workdir: str, run: Run) -> str:
 def execute(workdir: str, plan: Sequence[Run], launch=None) -> list[dict]:
   """Trains, resumes or reads back every run of `plan` with the executor `launch`
   (`repsim_jax.launch`; None: inline, in this process); their results in plan order, each with
-  `run_dir` relative to `workdir`. Runs that finished before cost one file read each."""
-  tasks = []
+  `run_dir` relative to `workdir`. Runs that finished before cost one file read each; points of
+  the plan with the same config share one run."""
+  tasks, first = [], {}
   for run in plan:
     with run.cfg.unlocked():
       run.cfg.name = run.name
-    tasks.append(launch_lib.Task(run.cfg, run_dir(workdir, run), run.name))
+    # Two points of a plan with one config (a study's axes may meet) are one run.
+    key = (run.group, runs.identity(run.cfg))
+    if key not in first:
+      first[key] = len(tasks)
+      tasks.append(launch_lib.Task(run.cfg, run_dir(workdir, run), run.name))
   results = launch_lib.run_all(tasks, launch, folder=os.path.join(workdir, "launch"))
-  return [{**r, "run_dir": os.path.relpath(t.run_dir, workdir)} for t, r in zip(tasks, results)]
+  out = []
+  for run in plan:
+    i = first[(run.group, runs.identity(run.cfg))]
+    out.append({**results[i], "run_dir": os.path.relpath(tasks[i].run_dir, workdir)})
+  return out
 
 
 def sources(workdir: str, plan: Mapping[str, ml_collections.ConfigDict],

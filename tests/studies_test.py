@@ -92,6 +92,10 @@ def test_execute_reads_a_finished_run_back(tmp_path, capsys):
   (again,) = studies.execute(str(tmp_path), [run])
   assert "already finished" in capsys.readouterr().out
   assert first == again and first["run_dir"].startswith("runs/full_ft-")
+  # Another name for the same config is the same run, trained once.
+  twin = studies.Run(run.cfg, {"method": "same"})
+  a, b = studies.execute(str(tmp_path / "twins"), [run, twin])
+  assert a == b and len(os.listdir(tmp_path / "twins" / "runs")) == 1
 
 
 # -- report numbers equal the CSVs (no training) ---------------------------------------------
