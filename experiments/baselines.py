@@ -16,7 +16,9 @@ at 224 px (download `<name>_224.npz` into --data_dir) from ImageNet ResNet-50 we
 repsim_jax.models.export torchvision:resnet50 weights/r50.safetensors`), on accelerators.
 Outputs: results.csv (one row per run), summary.csv (mean, std, n per target and method),
 relative.csv and relative_mean.csv (change against full FT per target and over targets),
-metrics.png, cka_by_layer.png, report.md.
+sharpness_curves.csv and sharpness_over_training.png (the training batch's SAM sharpness at every
+logged step, measured inside the jitted step: `analysis.in_step_sharpness`), metrics.png,
+cka_by_layer.png, report.md.
 """
 
 from __future__ import annotations
@@ -89,6 +91,9 @@ def plan(workdir: str, s: dict) -> list[studies.Run]:
         # Sharpness once, at the end, on the first val batches (a fixed probe set).
         c.analysis.sharpness_every = c.train.num_steps
         c.analysis.sharpness.measures = "sam,hessian_eig"
+        # And the training batch's, inside the jitted step on logged steps: sharpness over training.
+        c.analysis.in_step_sharpness = "sam"
+        c.train.log_every = max(1, c.train.num_steps // 10)
         c.train.eval_splits = ("val", "test")
         out.append(studies.Run(c, {"target": target, "method": name, "seed": seed}))
   return out
@@ -103,10 +108,22 @@ def row(run: studies.Run, res: dict) -> dict:
   return out
 
 
+def curve(workdir: str, run: studies.Run, res: dict) -> pd.DataFrame:
+  """The run's in-step SAM sharpness at every logged step."""
+  train = studies.history(workdir, res, "train")
+  out = train[["step", "sharpness/sam"]].rename(columns={"sharpness/sam": "sam_sharpness"})
+  for k, v in reversed(run.key.items()):
+    out.insert(0, k, v)
+  return out
+
+
 def run_study(workdir: str, s: dict) -> pd.DataFrame:
   runs = plan(workdir, s)
-  df = pd.DataFrame([row(r, res) for r, res in zip(runs, studies.execute(workdir, runs, s.get("launch")))])
-  write_outputs(df, workdir)
+  results = studies.execute(workdir, runs, s.get("launch"))
+  df = pd.DataFrame([row(r, res) for r, res in zip(runs, results)])
+  curves = pd.concat([curve(workdir, r, res) for r, res in zip(runs, results)],
+                     ignore_index=True)
+  write_outputs(df, workdir, curves)
   return df
 
 
@@ -145,7 +162,7 @@ def across_targets(rel: pd.DataFrame) -> pd.DataFrame:
   return rel.groupby("method", sort=False).mean(numeric_only=True).reset_index()
 
 
-def write_outputs(df: pd.DataFrame, workdir: str) -> None:
+def write_outputs(df: pd.DataFrame, workdir: str, curves: pd.DataFrame | None = None) -> None:
   summary, rel = summarise(df), relative(df)
   overall = across_targets(rel)
   n_seeds, targets = df.seed.nunique(), list(dict.fromkeys(df.target))
@@ -181,11 +198,16 @@ def write_outputs(df: pd.DataFrame, workdir: str) -> None:
   lines += studies.markdown_table(rel, {"target": "target", **rel_headers(rel)}, digits=2)
   lines += ["", "Per-run rows: `results.csv`; mean, std, n: `summary.csv`; changes: "
             "`relative.csv` (per target), `relative_mean.csv` (over targets); plots: "
-            "`metrics.png`, `cka_by_layer.png`."]
-  studies.write_outputs(workdir, {"results": df, "summary": summary, "relative": rel,
-                                  "relative_mean": overall},
-                        {"metrics.png": lambda p: plot_metrics(df, p),
-                         "cka_by_layer.png": lambda p: plot_cka(df, p)}, lines)
+            "`metrics.png`, `cka_by_layer.png`" + (", `sharpness_over_training.png` (in-step "
+                                                   "SAM sharpness: `sharpness_curves.csv`)"
+                                                   if curves is not None else "") + "."]
+  tables = {"results": df, "summary": summary, "relative": rel, "relative_mean": overall}
+  figures = {"metrics.png": lambda p: plot_metrics(df, p),
+             "cka_by_layer.png": lambda p: plot_cka(df, p)}
+  if curves is not None:
+    tables["sharpness_curves"] = curves
+    figures["sharpness_over_training.png"] = lambda p: plot_curves(curves, p)
+  studies.write_outputs(workdir, tables, figures, lines)
 
 
 def rel_headers(rel: pd.DataFrame) -> dict:
@@ -218,6 +240,27 @@ def plot_metrics(df: pd.DataFrame, path: str) -> None:
     axes[-1, -1].annotate(f"mean ± std over {df.seed.nunique()} seeds", (1.0, -0.45),
                           xycoords="axes fraction", ha="right", fontsize=8)
     plots.legend_above(fig, axes[0, 0], top=0.93)
+    plots.save(fig, path)
+
+
+def plot_curves(curves: pd.DataFrame, path: str) -> None:
+  """In-step SAM sharpness of the training batch over training, a panel per target, a line per
+  method, mean ± std over seeds."""
+  from repsim_jax import plots  # pylint: disable=g-import-not-at-top
+  targets = list(dict.fromkeys(curves.target))
+  with plots.figure(ncols=len(targets), width=4.4, height=3.4) as (fig, axes):
+    for ax, target in zip(axes, targets):
+      sub = curves[curves.target == target]
+      for i, (m, g) in enumerate(sub.groupby("method", sort=False)):
+        agg = g.groupby("step").sam_sharpness.agg(["mean", "std"]).fillna(0.0)
+        ax.errorbar(agg.index, agg["mean"], yerr=agg["std"], marker="o", ms=3, capsize=2,
+                    label=m, color=plots.PALETTE[i % len(plots.PALETTE)],
+                    linestyle="-" if i < len(plots.PALETTE) else "--")
+      ax.set_yscale("log")
+      ax.set_xlabel("training step")
+      ax.set_ylabel("SAM sharpness of the train batch (ρ = 0.05)")
+      ax.set_title(f"{target}: mean ± std over {sub.seed.nunique()} seeds", fontsize=9)
+    plots.legend_above(fig, axes[0], top=0.8)
     plots.save(fig, path)
 
 

@@ -258,6 +258,9 @@ def test_baselines_end_to_end(tmp_path, capsys):
   df = pd.read_csv(tmp_path / "results.csv")
   lp = df[df.method == "linear_probe"]
   assert np.allclose(lp.cka_stem, 1.0, atol=1e-5)  # a frozen backbone keeps its representation
+  curves = pd.read_csv(tmp_path / "sharpness_curves.csv")
+  assert len(curves) == len(df) * 10 and (curves.sam_sharpness > 0).all()  # every 2 of 20 steps
+  assert (tmp_path / "sharpness_over_training.png").stat().st_size > 10_000
 
 
 @pytest.mark.slow
