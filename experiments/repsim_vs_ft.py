@@ -128,10 +128,7 @@ def plot_cka(df: pd.DataFrame, path: str) -> None:
 
 
 def main(argv=None):
-  workdir, s = studies.parse_settings(__doc__, SETTINGS, argv)
-  df = run_study(workdir, s)
-  print(open(os.path.join(workdir, "report.md")).read())
-  return df
+  return studies.main(__doc__, SETTINGS, run_study, argv)
 
 
 if __name__ == "__main__":

@@ -188,10 +188,7 @@ def plot_axis(df: pd.DataFrame, axis: str, path: str) -> None:
 
 
 def main(argv=None):
-  workdir, s = studies.parse_settings(__doc__, SETTINGS, argv)
-  df = run_study(workdir, s)
-  print(open(os.path.join(workdir, "report.md")).read())
-  return df
+  return studies.main(__doc__, SETTINGS, run_study, argv)
 
 
 if __name__ == "__main__":

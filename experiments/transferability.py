@@ -155,10 +155,7 @@ def write_outputs(workdir: str) -> None:
 
 
 def main(argv=None):
-  workdir, s = studies.parse_settings(__doc__, SETTINGS, argv)
-  out = run_study(workdir, s)
-  print(open(os.path.join(workdir, "report.md")).read())
-  return out
+  return studies.main(__doc__, SETTINGS, run_study, argv)
 
 
 if __name__ == "__main__":

@@ -149,6 +149,17 @@ def source_config(base, objective: str) -> ml_collections.ConfigDict:
   return copy.deepcopy(base.pretrain if objective == "supervised" else base.ssl[objective])
 
 
+def main(doc: str, settings: Mapping[str, dict], run_study: Callable[[str, dict], Any],
+         argv=None):
+  """A study's command line: parse (`parse_settings`), `run_study(workdir, setting)`, print the
+  report; returns what `run_study` returned."""
+  workdir, s = parse_settings(doc, settings, argv)
+  out = run_study(workdir, s)
+  with open(os.path.join(workdir, "report.md")) as f:
+    print(f.read())
+  return out
+
+
 def csv_list(spec, cast=str) -> list:
   """'a,b' -> [a, b] (each through `cast`)."""
   return [cast(x.strip()) for x in str(spec).split(",") if x.strip()]

@@ -43,18 +43,6 @@ def split_list(spec, key: str) -> list[str]:
   return items
 
 
-def _set(cfg, dotted: str, value) -> None:
-  node = cfg
-  *parents, leaf = dotted.split(".")
-  for p in parents:
-    if p not in node:
-      raise ValueError(f"config.sweep.grid: unknown config key {dotted!r}")
-    node = node[p]
-  if leaf not in node:
-    raise ValueError(f"config.sweep.grid: unknown config key {dotted!r}")
-  node[leaf] = value
-
-
 def grid_points(sweep) -> list[tuple[str, dict]]:
   """[(run-name suffix, {dotted key: value})]: lr × every `sweep.grid` axis."""
   points = [(f"lr{float(lr):g}", {"optim.lr": float(lr)}) for lr in sweep.lrs]
@@ -85,8 +73,11 @@ def run_config(base, source: transfer_job.Source, target: str, overrides: dict,
   cfg.model.init = source.path
   if source.kwargs:
     cfg.model.kwargs = ml_collections.ConfigDict(dict(source.kwargs))
-  for key, value in overrides.items():
-    _set(cfg, key, value)
+  from repsim_jax import studies  # pylint: disable=g-import-not-at-top
+  try:
+    studies.set_keys(cfg, overrides)
+  except ValueError as e:
+    raise ValueError(f"config.sweep.grid: {e}") from None
   if eval_every is not None:
     cfg.train.eval_every = eval_every
   cfg.name = f"{source.name}__{target}"
