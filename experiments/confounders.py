@@ -47,7 +47,7 @@ SETTINGS = {
                     size=32, train_size=2400, val_size=800, test_size=1600, difficulty=0.5),
         model="resnet_small", sources="natural=pretrain:natural,medical=pretrain:medical_rgb,random=",
         kinds="tag,lowpass", ps="0,0.5,1", folds=3, methods="full_ft,repsim",
-        pretrain_steps=600, finetune_steps=150, batch=64),
+        pretrain_steps=600, finetune_steps=150, batch=64, data_dir=""),
     "full": dict(
         target=dict(source="medmnist", name="pneumoniamnist", size=224),
         model="resnet50", sources="imagenet=weights/r50.safetensors,random=",
