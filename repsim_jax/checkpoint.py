@@ -94,12 +94,12 @@ class Checkpointer:
       try:
         return (step, *self.restore(step, variables_template, train_template))
       except CorruptCheckpoint as e:
-        moved = self._quarantine(step)
+        moved = self.quarantine(step)
         print(f"warning: {e}; moved to {moved}, trying the one before", file=sys.stderr,
               flush=True)
     return None
 
-  def _quarantine(self, step: int) -> str:
+  def quarantine(self, step: int) -> str:
     dest_dir = os.path.join(os.path.dirname(self.directory), "checkpoints_corrupt")
     os.makedirs(dest_dir, exist_ok=True)
     dest = os.path.join(dest_dir, f"{step}-{int(time.time())}")

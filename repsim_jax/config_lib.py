@@ -216,6 +216,10 @@ def train_config() -> ml_collections.ConfigDict:
   # state is ever checkpointed); True: drop that step's update instead and count it.
   c.train.skip_nonfinite_steps = False
   c.train.tensorboard = True
+  # Population training (repsim_jax.population): "seed=0,1,2,3;optim.lr=0.01,0.1" trains every
+  # combination (here 8 members) as one vmapped program, each an ordinary run directory under
+  # the workdir; "" = one run. Members may differ in the seed and population.SCALARS.
+  c.train.population = ""
 
   c.analysis = ml_collections.ConfigDict()
   # Log linear CKA of every representation to the pretrained model on the global batch, inside

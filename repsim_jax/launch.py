@@ -17,6 +17,7 @@ reports each failed run with its log path instead of hanging; finished runs stay
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.util
 import os
@@ -49,6 +50,10 @@ def launch_config() -> ml_collections.ConfigDict:
   c.array_parallelism = 64       # slurm: tasks of the array running at once
   c.max_requeues = 3             # slurm: requeues per task after preemption / time-out
   c.poll_seconds = 5.0
+  # > 1: runs that differ only in seed and population.SCALARS (seeds, lr / λ grids of one model
+  # and data) train as populations of up to this many members, one program and one task each
+  # (repsim_jax.population); their run directories are the standalone runs'. 0 or 1: one by one.
+  c.population = 0
   return c
 
 
@@ -87,8 +92,12 @@ class TrainTask:
   def __init__(self, env: dict[str, str] | None = None):
     self.env = dict(env or {})
 
-  def __call__(self, cfg, run_dir: str) -> dict:
+  def __call__(self, cfg, run_dir):
+    """One run's results, or a population's list (`cfg` and `run_dir` lists)."""
     os.environ.update(self.env)
+    if isinstance(cfg, list):
+      from repsim_jax import population  # pylint: disable=g-import-not-at-top
+      return [o.results for o in population.fit(cfg, run_dir)]
     from repsim_jax import train  # pylint: disable=g-import-not-at-top
     return train.train_and_evaluate(cfg, run_dir)
 
@@ -130,19 +139,61 @@ def _executor(launch, folder: str):
   return ex
 
 
+def population_groups(tasks: Sequence[Task], size: int) -> list[list[int]]:
+  """Task indices in groups that can train as one population (same config up to the seed and
+  population.SCALARS, supervised), each of at most `size`, in task order; singletons else."""
+  from repsim_jax import population, runs  # pylint: disable=g-import-not-at-top
+  if size <= 1:
+    return [[i] for i in range(len(tasks))]
+  by_key: dict[str, list[int]] = {}
+  for i, t in enumerate(tasks):
+    c = copy.deepcopy(t.cfg)
+    with c.unlocked():
+      for key in population.KEYS:
+        node, leaf = (c, key) if "." not in key else (c[key.split(".")[0]], key.split(".")[1])
+        if leaf in node:
+          node[leaf] = type(node[leaf])(0)
+    key = runs.identity(c) if t.cfg.get("objective", "supervised") == "supervised" else f"solo{i}"
+    by_key.setdefault(key, []).append(i)
+  groups = [g[j:j + size] for g in by_key.values() for j in range(0, len(g), size)]
+  return sorted(groups, key=lambda g: g[0])
+
+
 def run_all(tasks: Sequence[Task], launch=None, folder: str = "") -> list[dict]:
   """The results of every task, in order: finished runs read back, the others trained by the
-  executor. Raises RunFailed naming every failed run and its log once the others are done."""
-  from repsim_jax import runs  # pylint: disable=g-import-not-at-top
+  executor (as populations with `launch.population` > 1). Raises RunFailed naming every failed
+  run and its log once the others are done."""
   launch = launch or launch_config()
   validate(launch)
+  groups = population_groups(tasks, int(launch.get("population", 0)))
+  units = [tasks[g[0]] if len(g) == 1 else
+           Task([tasks[i].cfg for i in g], [tasks[i].run_dir for i in g],
+                "population of " + ", ".join(tasks[i].name or tasks[i].run_dir for i in g))
+           for g in groups]
+  done = _run_units(units, launch, folder)
+  out: list[Any] = [None] * len(tasks)
+  for g, r in zip(groups, done):
+    for i, ri in zip(g, r if len(g) > 1 else [r]):
+      out[i] = ri
+  return out
+
+
+def _read(task: Task):
+  from repsim_jax import runs  # pylint: disable=g-import-not-at-top
+  if isinstance(task.run_dir, list):
+    found = [runs.read_results(d) for d in task.run_dir]
+    return None if any(f is None for f in found) else found
+  return runs.read_results(task.run_dir)
+
+
+def _run_units(tasks: Sequence[Task], launch, folder: str) -> list:
   if launch.executor == "inline":
     out = []
     for t in tasks:
       out.append(TrainTask()(t.cfg, t.run_dir))
-      print(f"launch: {len(out)}/{len(tasks)} runs finished", flush=True)
+      print(f"launch: {len(out)}/{len(tasks)} tasks finished", flush=True)
     return out
-  results: list[Any] = [runs.read_results(t.run_dir) for t in tasks]
+  results: list[Any] = [_read(t) for t in tasks]
   todo = [i for i, r in enumerate(results) if r is None]
   folder = launch.folder or folder
   os.makedirs(folder, exist_ok=True)

@@ -25,7 +25,7 @@ import jax
 NOT_IDENTITY = ("name", "job", "train.log_every", "train.tensorboard", "train.checkpoint_every",
                 "train.keep_checkpoints", "data.worker_count", "data.mmap",
                 "analysis.source_data.worker_count", "analysis.source_data.mmap", "parallel.",
-                "launch.")
+                "launch.", "train.population")
 
 
 class RunMismatch(ValueError):

@@ -103,7 +103,8 @@ def set_keys(cfg: ml_collections.ConfigDict, overrides: Mapping[str, Any]):
 
 
 LAUNCH_FLAGS = {"executor": str, "workers": int, "devices_per_worker": int, "partition": str,
-                "time_min": int, "gpus_per_task": int, "array_parallelism": int}
+                "time_min": int, "gpus_per_task": int, "array_parallelism": int,
+                "population": int}
 
 
 def parse_settings(doc: str, settings: Mapping[str, dict], argv=None) -> tuple[str, dict]:

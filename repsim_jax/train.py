@@ -279,6 +279,13 @@ def load_init_variables(cfg, model_variables: dict) -> dict:
   return {"params": params, "batch_stats": pretrained.get("batch_stats", {})}
 
 
+def make_tx(method, cfg, num_steps: int, params) -> optax.GradientTransformation:
+  """The run's optimiser: `config.optim` through the method's transform (freezing, Stiefel
+  leaves, phases)."""
+  return method.optimizer(
+      lambda offset=0: optimizers.make_optimizer(cfg.optim, num_steps - offset, params)[0], params)
+
+
 @dataclasses.dataclass
 class Outcome:
   """What a training run leaves: its results (plain data, as in results.json) and its final state
@@ -366,9 +373,7 @@ class _Run:
       params["ssl"], objective_state = objective.init(jax.random.fold_in(method_rng, 1),
                                                       variables, feature_dim)
     self.schedule = optimizers.learning_rate_schedule(cfg.optim, self.num_steps)
-    self.tx = method.optimizer(
-        lambda offset=0: optimizers.make_optimizer(cfg.optim, self.num_steps - offset, params)[0],
-        params)
+    self.tx = make_tx(method, cfg, self.num_steps, params)
     keep_ref = (method.needs_reference or method.reference_forward
                 or cfg.analysis.in_step_similarity)
     self.state = TrainState(
@@ -378,17 +383,24 @@ class _Run:
                        if keep_ref else {}),
         nonfinite_step=np.asarray(-1, np.int32), skipped_steps=np.asarray(0, np.int32),
         objective_state=objective_state)
+    self.fresh_state = self.state
     # Carried across segments of a resumed run, so its results equal an uninterrupted one's.
     self.history, self.train_seconds, self.metrics_rows = [], 0.0, 0
     self.ckpt = ckpt_lib.Checkpointer(workdir, keep=cfg.train.keep_checkpoints)
     self.last_saved = None
 
   # -- checkpoints ----------------------------------------------------------------------------
-  def _resume(self) -> int:
-    state = self.state
-    var_t = {"params": state.params["model"], "batch_stats": state.batch_stats}
-    found = self.ckpt.restore_latest(var_t, _train_item(state))
+  def resume(self, at: int | None = None) -> int:
+    """Restores the newest intact checkpoint, or that of step `at` (0: none, the fresh state);
+    returns the step the run continues from."""
+    var_t = {"params": self.fresh_state.params["model"], "batch_stats": self.fresh_state.batch_stats}
+    train_t = _train_item(self.fresh_state)
+    if at is None:
+      found = self.ckpt.restore_latest(var_t, train_t)
+    else:
+      found = (at, *self.ckpt.restore(at, var_t, train_t)) if at else None
     if found is None:
+      self.state, self.history, self.train_seconds, self.metrics_rows = self.fresh_state, [], 0.0, 0
       return 0
     step, var_r, train_r, meta = found
     self.state = _from_items(var_r, train_r)
@@ -400,8 +412,9 @@ class _Run:
     print(f"resumed from {self.ckpt.directory} at step {step}", flush=True)
     return step
 
-  def _check_finite(self, state, step: int) -> None:
-    bad = int(self.dp.get_replicated(state.nonfinite_step))
+  def check_finite(self, nonfinite_step, step: int) -> None:
+    """Stops the run (FloatingPointError) when the state recorded a non-finite step."""
+    bad = int(nonfinite_step)
     if bad >= 0:
       last = (f"step {self.last_saved} in {self.ckpt.directory}" if self.last_saved is not None
               else "none yet")
@@ -409,15 +422,153 @@ class _Run:
           f"non-finite loss, gradient, parameter or BatchNorm statistic at step {bad + 1}; "
           f"stopped at step {step}; last good checkpoint: {last}")
 
-  def _save(self, state, step: int, seconds: float, metrics_rows: int) -> None:
-    self._check_finite(state, step)
-    h = self.dp.get_replicated(state)
+  def save(self, h, step: int, seconds: float) -> None:
+    """Checkpoints the host state `h` (checked finite first) at `step`."""
+    self.check_finite(h.nonfinite_step, step)
     self.ckpt.save(step, {"params": h.params["model"], "batch_stats": h.batch_stats},
                    _train_item(h), {"data_iter": self.train_iter.get_state(),
                                     "model": self.cfg.model.name, "step": step,
                                     "history": self.history, "train_seconds": seconds,
-                                    "metrics_rows": metrics_rows})
+                                    "metrics_rows": self.writer.rows})
     self.last_saved = step
+
+  # -- pieces of the loop, shared with population training (repsim_jax.population) ----------
+  def open(self, start: int, name: str = "", like: "_Run | None" = None) -> None:
+    """The metrics writer (from `start`) and the evaluation steps (those of `like`, a run of
+    the same model, when given: compiled once); `name` prefixes progress lines."""
+    cfg = self.cfg
+    self.name = name or (cfg.get("name", "") and f"[{cfg.name}] ")
+    self.writer = metric_writers.MetricWriter(self.workdir, tensorboard=cfg.train.tensorboard,
+                                              resume_step=start, keep_rows=self.metrics_rows)
+    if like is not None:
+      self.p_eval, self.p_features = like.p_eval, like.p_features
+    else:
+      self.p_eval = self.dp.compile(evaluation.make_step(self.model), donate_state=False,
+                                    sharded_out=True)
+      self.p_features = self.dp.compile(evaluation.make_step(self.model, ("pre_logits",)),
+                                        donate_state=False, sharded_out=True)
+    self.probe = None
+    if cfg.analysis.sharpness_every:
+      # A fixed probe set (first batches of the ordered val split), drawn once.
+      probe_iter = self.eval_iter_fn("val" if "val" in self.splits else "train")
+      self.probe = [{"image": b["image"], "label": b["label"]}
+                    for b, _ in zip(probe_iter, range(cfg.analysis.probe_batches))]
+
+  def train_steps(self, cfg=None):
+    """(step for unlogged steps, step for logged steps), per device, not yet compiled. With
+    `cfg` (this run's config with other values of the scalars that population members may
+    differ in, possibly traced), the method and optimiser are built from it."""
+    method, tx = self.method, self.tx
+    if cfg is not None:
+      method = methods_lib.get_method(cfg.method)
+      tx = make_tx(method, cfg, self.num_steps, self.state.params)
+    cfg = self.cfg
+    if self.objective:
+      step = make_ssl_train_step(self.model, self.objective, self.tx, tuple(cfg.data.mean),
+                                 tuple(cfg.data.std), cfg.train.skip_nonfinite_steps)
+      return step, step
+    # In-step analyses (model forward and backward passes) get a step of their own for the
+    # logged steps rather than a lax.cond branch (slow on XLA:CPU, see make_train_step).
+    split = bool(cfg.analysis.in_step_similarity or cfg.analysis.in_step_sharpness)
+    make = lambda diagnose: make_train_step(  # noqa: E731
+        self.model, method, tx, self.info.task, cfg.train.log_every, self.num_steps,
+        cfg.analysis.in_step_similarity, cfg.train.skip_nonfinite_steps,
+        cfg.analysis.in_step_sharpness, cfg.analysis.sharpness, diagnose)
+    if split:
+      return make(False), make(True)
+    step = make(None)
+    return step, step
+
+  def log_train(self, step: int, m: dict) -> None:
+    m = {**m, "lr": float(self.schedule(step - 1))}
+    self.writer.write(step, "train", m)
+
+  def sharpness(self, h, step: int) -> dict:
+    """Sharpness of the host state `h` on the probe set, logged."""
+    info = self.info
+    loss_fn = jax.tree_util.Partial(evaluation.eval_loss, self.model, info.task, h.batch_stats)
+    m = sharpness.sharpness_report(loss_fn, h.params["model"], self.probe,
+                                   jax.random.PRNGKey(self.cfg.seed), self.cfg.analysis.sharpness)
+    self.writer.write(step, "sharpness", m)
+    return m
+
+  def _knn_monitor(self, variables, split):
+    # SSL runs: k-NN accuracy of the backbone's features, the labelled bank split voting.
+    cfg = self.cfg
+    feats = lambda s, cap: evaluation.run(  # noqa: E731
+        self.dp, self.p_features, variables, self.eval_iter_fn(s), max_examples=cap,
+        desc=f"{self.name}k-NN {s}")
+    bank, query = feats(cfg.ssl.knn_bank_split, cfg.ssl.knn_bank_size), feats(split, 0)
+    acc = ssl.knn.knn_accuracy(bank["pre_logits"], bank["label"], query["pre_logits"],
+                               query["label"], self.info.num_classes, cfg.ssl.knn_k,
+                               cfg.ssl.knn_temperature, self.info.task == "multilabel")
+    return {"knn_accuracy": acc, "num_examples": int(query["label"].shape[0])}
+
+  def _source_quality(self, variables):
+    # DESIGN §9: the source task through the current backbone (its train split votes / fits).
+    cfg = self.cfg
+    eval_iter, src_info = self.source_eval
+    feats = lambda s, cap: evaluation.run(  # noqa: E731
+        self.dp, self.p_features, variables, eval_iter(s), max_examples=cap,
+        desc=f"{self.name}source {s}")
+    bank, query = feats("train", cfg.analysis.source_bank_size), feats("val", 0)
+    return probes.quality(bank["pre_logits"], bank["label"], query["pre_logits"],
+                          query["label"], src_info.num_classes, k=cfg.ssl.knn_k,
+                          temperature=cfg.ssl.knn_temperature)
+
+  def _similarity(self, h, step):
+    # Every representation against the initial (pretrained) weights, on config.analysis.split.
+    cfg = self.cfg
+    split = cfg.analysis.split if cfg.analysis.split in self.splits else "val"
+    sim = evaluation.similarity_to(
+        self.dp, self.model, {"params": h.params["model"], "batch_stats": h.batch_stats},
+        {"params": self.init_variables["params"],
+         "batch_stats": self.init_variables["batch_stats"]},
+        lambda: self.eval_iter_fn(split), cfg.analysis.measures, cfg.analysis.max_examples)
+    self.writer.write(step, "similarity", {f"{m}/{k}": v for m, d in sim.items()
+                                           for k, v in d.items()})
+    return sim
+
+  def evaluate(self, state, step: int, final: bool = False, host=None):
+    """Evaluates the placed `state` (`host`: its host copy, fetched here when needed) at
+    `step`: (row of split metrics, similarity), both logged."""
+    cfg, row = self.cfg, {}
+    variables = {"params": state.params["model"], "batch_stats": state.batch_stats}
+    for split in cfg.train.eval_splits:
+      if self.objective:
+        m = self._knn_monitor(variables, split)
+      else:
+        m = evaluation.evaluate(self.dp, self.p_eval, variables, self.eval_iter_fn(split),
+                                self.info.task, desc=f"{self.name}eval {split}")
+      self.writer.write(step, split, m)
+      row[split] = m
+    if self.source_eval:
+      row["source"] = self._source_quality(variables)
+      self.writer.write(step, "source", row["source"])
+    sim = {}
+    if cfg.model.init and (cfg.analysis.eval_similarity or
+                           (final and cfg.analysis.final_similarity)):
+      sim = self._similarity(host if host is not None else self.dp.get_replicated(state), step)
+    self.history.append({"step": step, **row})
+    return row, sim
+
+  def finish(self, state, host, seconds: float, extra: dict | None = None) -> Outcome:
+    """The final evaluation of the placed `state` (host copy `host`) and results.json."""
+    cfg, num_steps = self.cfg, self.num_steps
+    final, sim = self.evaluate(state, num_steps, final=True, host=host)
+    if self.probe:
+      final["sharpness"] = self.sharpness(host, num_steps)
+    self.writer.close()
+    results = {"step": num_steps, "model": cfg.model.name, "objective": cfg.objective,
+               "method": cfg.method.name,
+               "task": self.info.task, "dataset": self.info.name, "identity": runs.identity(cfg),
+               "train_seconds": seconds, "skipped_steps": int(host.skipped_steps),
+               "final": final, "best_val": _best_by_val(self.history), "similarity": sim,
+               **(extra or {})}
+    if jax.process_index() == 0:
+      io.write_text(os.path.join(self.workdir, "results.json"),
+                    json.dumps(results, indent=2, default=float) + "\n")
+    return Outcome(results, host)
 
   # -- the loop -------------------------------------------------------------------------------
   def train(self) -> Outcome:
@@ -427,101 +578,16 @@ class _Run:
       self.ckpt.close()
 
   def _train(self) -> Outcome:
-    cfg, dp, info, splits = self.cfg, self.dp, self.info, self.splits
+    cfg, dp = self.cfg, self.dp
     num_steps = self.num_steps
-    start = self._resume()
-    writer = metric_writers.MetricWriter(self.workdir, tensorboard=cfg.train.tensorboard,
-                                         resume_step=start, keep_rows=self.metrics_rows)
-    if self.objective:
-      p_train = p_logged = dp.compile(make_ssl_train_step(
-          self.model, self.objective, self.tx, tuple(cfg.data.mean), tuple(cfg.data.std),
-          cfg.train.skip_nonfinite_steps))
-    else:
-      # In-step analyses (model forward and backward passes) get a step of their own for the
-      # logged steps rather than a lax.cond branch (slow on XLA:CPU, see make_train_step).
-      split = bool(cfg.analysis.in_step_similarity or cfg.analysis.in_step_sharpness)
-      make = lambda diagnose: dp.compile(make_train_step(  # noqa: E731
-          self.model, self.method, self.tx, info.task, cfg.train.log_every, num_steps,
-          cfg.analysis.in_step_similarity, cfg.train.skip_nonfinite_steps,
-          cfg.analysis.in_step_sharpness, cfg.analysis.sharpness, diagnose))
-      p_train = make(False if split else None)
-      p_logged = make(True) if split else p_train
-    p_eval = dp.compile(evaluation.make_step(self.model), donate_state=False, sharded_out=True)
-    p_features = dp.compile(evaluation.make_step(self.model, ("pre_logits",)),
-                            donate_state=False, sharded_out=True)
+    start = self.resume()
+    self.open(start)
+    train_fn, logged_fn = self.train_steps()
+    p_train = dp.compile(train_fn)
+    p_logged = p_train if logged_fn is train_fn else dp.compile(logged_fn)
     state = dp.put_replicated(self.state)
     rng_dev = dp.put_replicated(np.asarray(self.step_rng))
-    progress = progress_lib.Training(num_steps, cfg.train.batch_size, start,
-                                       name=cfg.get("name", "") and f"[{cfg.name}] ")
-    probe = None
-    if cfg.analysis.sharpness_every:
-      # A fixed probe set (first batches of the ordered val split), drawn once.
-      probe_iter = self.eval_iter_fn("val" if "val" in splits else "train")
-      probe = [{"image": b["image"], "label": b["label"]}
-               for b, _ in zip(probe_iter, range(cfg.analysis.probe_batches))]
-
-    def run_sharpness(state, step):
-      h = dp.get_replicated(state)
-      loss_fn = jax.tree_util.Partial(evaluation.eval_loss, self.model, info.task, h.batch_stats)
-      m = sharpness.sharpness_report(loss_fn, h.params["model"], probe,
-                                     jax.random.PRNGKey(cfg.seed), cfg.analysis.sharpness)
-      writer.write(step, "sharpness", m)
-      return m
-
-    def knn_monitor(variables, split):
-      # SSL runs: k-NN accuracy of the backbone's features, the labelled bank split voting.
-      feats = lambda s, cap: evaluation.run(  # noqa: E731
-          dp, p_features, variables, self.eval_iter_fn(s), max_examples=cap,
-          desc=f"{progress.name}k-NN {s}")
-      bank, query = feats(cfg.ssl.knn_bank_split, cfg.ssl.knn_bank_size), feats(split, 0)
-      acc = ssl.knn.knn_accuracy(bank["pre_logits"], bank["label"], query["pre_logits"],
-                                 query["label"], info.num_classes, cfg.ssl.knn_k,
-                                 cfg.ssl.knn_temperature, info.task == "multilabel")
-      return {"knn_accuracy": acc, "num_examples": int(query["label"].shape[0])}
-
-    def source_quality(variables):
-      # DESIGN §9: the source task through the current backbone (its train split votes / fits).
-      eval_iter, src_info = self.source_eval
-      feats = lambda s, cap: evaluation.run(  # noqa: E731
-          dp, p_features, variables, eval_iter(s), max_examples=cap,
-          desc=f"{progress.name}source {s}")
-      bank, query = feats("train", cfg.analysis.source_bank_size), feats("val", 0)
-      return probes.quality(bank["pre_logits"], bank["label"], query["pre_logits"],
-                            query["label"], src_info.num_classes, k=cfg.ssl.knn_k,
-                            temperature=cfg.ssl.knn_temperature)
-
-    def similarity(state, step):
-      # Every representation against the initial (pretrained) weights, on config.analysis.split.
-      split = cfg.analysis.split if cfg.analysis.split in splits else "val"
-      sim = evaluation.similarity_to(
-          dp, self.model, {"params": state.params["model"], "batch_stats": state.batch_stats},
-          {"params": self.init_variables["params"],
-           "batch_stats": self.init_variables["batch_stats"]},
-          lambda: self.eval_iter_fn(split), cfg.analysis.measures, cfg.analysis.max_examples)
-      writer.write(step, "similarity", {f"{m}/{k}": v for m, d in sim.items()
-                                        for k, v in d.items()})
-      return sim
-
-    def run_eval(state, step, final=False):
-      row = {}
-      variables = {"params": state.params["model"], "batch_stats": state.batch_stats}
-      for split in cfg.train.eval_splits:
-        if self.objective:
-          m = knn_monitor(variables, split)
-        else:
-          m = evaluation.evaluate(dp, p_eval, variables, self.eval_iter_fn(split), info.task,
-                                  desc=f"{progress.name}eval {split}")
-        writer.write(step, split, m)
-        row[split] = m
-      if self.source_eval:
-        row["source"] = source_quality(variables)
-        writer.write(step, "source", row["source"])
-      sim = {}
-      if cfg.model.init and (cfg.analysis.eval_similarity or
-                             (final and cfg.analysis.final_similarity)):
-        sim = similarity(dp.get_replicated(state), step)
-      self.history.append({"step": step, **row})
-      return row, sim
+    progress = progress_lib.Training(num_steps, cfg.train.batch_size, start, name=self.name)
 
     step = start
     t0 = time.perf_counter()
@@ -535,33 +601,20 @@ class _Run:
         progress.reset_clock(step)
       if logs:
         m = {k: float(v) for k, v in dp.get_replicated(m).items()}
-        self._check_finite(state, step)
-        m["lr"] = float(self.schedule(step - 1))
-        writer.write(step, "train", m)
+        self.check_finite(dp.get_replicated(state.nonfinite_step), step)
+        self.log_train(step, m)
         progress.print(step, {"loss": m["loss"],
                               **({"acc": m["accuracy"]} if "accuracy" in m else {})})
       if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != num_steps:
-        run_eval(state, step)
-      if probe and step % cfg.analysis.sharpness_every == 0 and step != num_steps:
-        run_sharpness(state, step)
+        self.evaluate(state, step)
+      if self.probe and step % cfg.analysis.sharpness_every == 0 and step != num_steps:
+        self.sharpness(dp.get_replicated(state), step)
       if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
-        self._save(state, step, elapsed(), writer.rows)
+        self.save(dp.get_replicated(state), step, elapsed())
+    host = dp.get_replicated(state)
     if self.last_saved != num_steps:
-      self._save(state, num_steps, elapsed(), writer.rows)
-    final, sim = run_eval(state, num_steps, final=True)
-    if probe:
-      final["sharpness"] = run_sharpness(state, num_steps)
-    host_state = dp.get_replicated(state)
-    writer.close()
-    results = {"step": num_steps, "model": cfg.model.name, "objective": cfg.objective,
-               "method": cfg.method.name,
-               "task": info.task, "dataset": info.name, "identity": runs.identity(cfg),
-               "train_seconds": elapsed(), "skipped_steps": int(host_state.skipped_steps),
-               "final": final, "best_val": _best_by_val(self.history), "similarity": sim}
-    if jax.process_index() == 0:
-      io.write_text(os.path.join(self.workdir, "results.json"),
-                                   json.dumps(results, indent=2, default=float) + "\n")
-    return Outcome(results, host_state)
+      self.save(host, num_steps, elapsed())
+    return self.finish(state, host, elapsed())
 
 
 def _source_task(cfg, shape):

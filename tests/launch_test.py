@@ -2,6 +2,7 @@
 submitit's debug executor give the results an inline run gives; a relaunch submits only what is
 missing; a failed run is reported with its log while the others finish."""
 
+import json
 import os
 
 import pytest
@@ -62,3 +63,26 @@ def test_local_pool_runs_what_is_missing_and_keeps_finished_runs(tmp_path, capsy
   again = studies.execute(workdir, plan, _launch("local", workers=2))
   assert os.listdir(os.path.join(workdir, "launch")) == launched  # nothing submitted
   assert [r["final"] for r in again] == [r["final"] for r in inline]
+
+
+def test_population_groups_runs_that_differ_in_seed_and_scalars(tmp_path):
+  """Runs of one model and data differing in seed / lr train as populations of at most
+  `population` members; their directories are the standalone runs' (read back inline)."""
+  plan = [studies.Run(tiny_config(tmp_path, **{"train.num_steps": 6, "seed": s,
+                                               "optim.lr": lr}), {"seed": s, "lr": lr})
+          for s in (0, 1) for lr in (0.02, 0.05)]
+  other = studies.Run(tiny_config(tmp_path, **{"train.num_steps": 6, "data.size": 12}),
+                      {"seed": 0, "lr": 0.02, "size": 12})
+  plan = plan[:2] + [other] + plan[2:]
+  tasks = [launch.Task(r.cfg, str(i)) for i, r in enumerate(plan)]
+  assert launch.population_groups(tasks, 3) == [[0, 1, 3], [2], [4]]
+  assert launch.population_groups(tasks, 0) == [[i] for i in range(5)]
+  workdir = str(tmp_path / "study")
+  pop = studies.execute(workdir, plan, _launch("debug", population=4))
+  assert [r.get("population", {}).get("members") for r in pop] == [4, 4, None, 4, 4]
+  # Standalone, the same directories are finished runs: read back, nothing trains.
+  again = studies.execute(workdir, plan)
+  assert again == json.loads(json.dumps(pop, default=float))
+  solo = studies.execute(str(tmp_path / "solo"), plan[:1])
+  assert abs(solo[0]["final"]["val"]["loss"] - pop[0]["final"]["val"]["loss"]) <= 1e-4 * abs(
+      solo[0]["final"]["val"]["loss"])

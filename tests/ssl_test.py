@@ -298,7 +298,7 @@ def test_ssl_state_round_trips_through_the_checkpoint(tmp_path):
   cfg = ssl_config(tmp_path, "byol", **{"train.num_steps": 2})
   state = train.fit(cfg, str(tmp_path / "run")).state
   fresh = train._Run(cfg, str(tmp_path / "run"))
-  assert fresh._resume() == 2
+  assert fresh.resume() == 2
   for a, b in ((fresh.state.objective_state, state.objective_state),
                (fresh.state.params, state.params), (fresh.state.opt_state, state.opt_state)):
     assert rel_err(a, b, floor=1e-30) == 0.0

@@ -22,13 +22,18 @@ def run(config, workdir: str):
 
 
 def _train(config, workdir):
-  from repsim_jax import train
-  results = train.train_and_evaluate(config, workdir)
+  from repsim_jax import population, train
+  if config.train.get("population"):  # K members, each a run directory under workdir
+    pairs = population.members(config, workdir)
+    results = population.run(config, workdir)
+  else:
+    pairs, results = [(config, workdir)], [train.train_and_evaluate(config, workdir)]
   if jax.process_index() == 0:
-    summary = "  ".join(f"{split} {k}={v:.4f}" for split, m in results["final"].items()
-                        for k, v in m.items() if k in ("accuracy", "auc"))
-    print(f"done: {workdir}/results.json  {summary}")
-  return results
+    for (_, run_dir), r in zip(pairs, results):
+      summary = "  ".join(f"{split} {k}={v:.4f}" for split, m in r["final"].items()
+                          for k, v in m.items() if k in ("accuracy", "auc"))
+      print(f"done: {run_dir}/results.json  {summary}")
+  return results if len(results) > 1 or config.train.get("population") else results[0]
 
 
 def _module_run(name):

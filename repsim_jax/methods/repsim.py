@@ -166,13 +166,24 @@ def procrustes_term(f, p):
   """
   n = f.shape[0]
   if n >= min(f.shape[1], p.shape[1]):
-    q = jax.lax.stop_gradient(procrustes_q(f, p))
+    q = _one_at_a_time(procrustes_q)(jax.lax.stop_gradient(f), jax.lax.stop_gradient(p))
     return jnp.sum((f @ q - p) ** 2)
-  a, r_a = jnp.linalg.qr(jax.lax.stop_gradient(f).T)
-  b, r_b = jnp.linalg.qr(jax.lax.stop_gradient(p).T)
-  u, _, vt = jnp.linalg.svd(r_a @ r_b.T)
-  big_u, big_v = a @ u, b @ vt.T
+  big_u, big_v = _one_at_a_time(_procrustes_bases)(jax.lax.stop_gradient(f),
+                                                   jax.lax.stop_gradient(p))
   return jnp.sum(((f @ big_u) @ big_v.T - p) ** 2)
+
+
+def _procrustes_bases(f, p):
+  a, r_a = jnp.linalg.qr(f.T)
+  b, r_b = jnp.linalg.qr(p.T)
+  u, _, vt = jnp.linalg.svd(r_a @ r_b.T)
+  return a @ u, b @ vt.T
+
+
+# Under vmap (population training), one member at a time: batched LAPACK calls of several
+# XLA:CPU devices at once deadlock in jaxlib's batch thread pool. Not differentiable, so only
+# for values the loss stops gradients through.
+_one_at_a_time = jax.custom_batching.sequential_vmap
 
 
 def _label(path) -> str:

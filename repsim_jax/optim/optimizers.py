@@ -30,14 +30,20 @@ def tree_paths(tree):
 def _constant(cfg, num_steps):
   del num_steps
   if cfg.warmup_steps:
-    return optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps)
+    return _scaled(cfg.lr, optax.linear_schedule(0.0, 1.0, cfg.warmup_steps))
   return optax.constant_schedule(cfg.lr)
 
 
 def _cosine(cfg, num_steps):
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=cfg.lr, warmup_steps=cfg.warmup_steps,
-      decay_steps=max(num_steps, cfg.warmup_steps + 1), end_value=0.0)
+  return _scaled(cfg.lr, optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=1.0, warmup_steps=cfg.warmup_steps,
+      decay_steps=max(num_steps, cfg.warmup_steps + 1), end_value=0.0))
+
+
+def _scaled(lr, shape: optax.Schedule) -> optax.Schedule:
+  # lr x a unit-peak shape, so that lr may be a traced per-member value (population training),
+  # which optax's schedules, branching on their values in Python, do not accept.
+  return lambda count: lr * shape(count)
 
 
 # config.optim.schedule -> (cfg, num_steps) -> schedule; the keys are the valid names.
@@ -93,6 +99,10 @@ def _base(cfg, lr) -> optax.GradientTransformation:
   return OPTIMIZERS[cfg.name](cfg, lr)
 
 
+def _is_zero(x) -> bool:
+  return isinstance(x, (int, float)) and x == 0
+
+
 def _decay_mask(params):
   # Decay weights, not biases or norm scales (the usual convention: ndim > 1).
   return jax.tree.map(lambda x: x.ndim > 1, params)
@@ -137,7 +147,9 @@ def make_optimizer(cfg, num_steps: int, params) -> tuple[optax.GradientTransform
   parts = []
   if cfg.clip_norm:
     parts.append(optax.clip_by_global_norm(cfg.clip_norm))
-  if cfg.weight_decay and cfg.name not in ("adamw", "lars"):
+  # A traced weight decay (population members that differ in it) counts as set: adding 0·w
+  # to the gradient is exact.
+  if not _is_zero(cfg.weight_decay) and cfg.name not in ("adamw", "lars"):
     # Coupled L2 for SGD (torchvision recipes); adamw and lars apply their own.
     parts.append(optax.add_decayed_weights(cfg.weight_decay, mask=_decay_mask))
   parts.append(_base(cfg, schedule))

@@ -463,6 +463,10 @@ def stiefel_retraction(
     if params is None:
       raise ValueError("params: stiefel_retraction needs the current params in update")
 
+    # Under vmap (population training: one Q per member) each member retracts on its own:
+    # batched LAPACK calls of several XLA:CPU devices at once deadlock in jaxlib's batch thread
+    # pool, and a batched fallback `lax.cond` would run both branches every step.
+    @jax.custom_batching.sequential_vmap
     def one(q, v):
       dtype = _compute_dtype(jnp.result_type(q, v))  # project and retract in >= float32
       q32, v32 = q.astype(dtype), v.astype(dtype)
