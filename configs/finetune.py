@@ -4,7 +4,9 @@
       --workdir=runs/ft_derma
 
 `:key=val` args: model, source, dataset, size, init (run dir, .safetensors/.pth, ViT .npz),
-method, steps, batch, lr, seed. `--config.method.*` sets the method's hyper-parameters.
+method, steps, batch, lr, seed. `--config.method.*` sets the method's hyper-parameters;
+`--config.train.population='seed=0,1,2,3'` trains several seeds / lrs / λs as one program
+(repsim_jax/population.py).
 """
 
 from repsim_jax import config_lib

@@ -177,6 +177,7 @@ def _population_step(lead, varying, logged: bool):
   axis (batch axis 1: axis 0 stays the one the data-parallel program splits)."""
 
   def member_step(hp, state, batch, rng):
+    # `hp`: the member's values of `varying` (traced), which the method and optimiser read.
     fns = lead.train_steps(_member_cfg(lead.cfg, varying, hp) if varying else None)
     return fns[1 if logged else 0](state, batch, rng)
 

@@ -92,6 +92,7 @@ def test_default_run(default_run):
   assert "repsim" in out and "full_ft" in out
 
 
+@pytest.mark.slow  # the default selection's time budget: among its slowest
 def test_analyze(root, default_run):
   wd, _ = default_run
   out_dir = root / "analysis"
@@ -140,6 +141,7 @@ def test_transferability_of_a_weights_file_and_a_run(transfer, root):
   assert "Transferability to medical_gray" in out
 
 
+@pytest.mark.slow  # the default selection's time budget: among its slowest
 def test_sweep_ranks_the_scores(root, transfer, pretrained):
   twd, _ = transfer
   wd = root / "sweep"

@@ -135,6 +135,7 @@ def _default_config(tmp_path, lam):
   return c
 
 
+@pytest.mark.slow  # the default selection's time budget: among its slowest
 def test_default_run_reruns_only_the_changed_stage(tmp_path):
   wd = str(tmp_path / "default")
   config = lambda lam: _default_config(tmp_path, lam)  # noqa: E731
