@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "faults"))
-from _tiny import tiny_config  # noqa: E402
+from _tiny import pretrained_run, tiny_config  # noqa: E402
 
 from repsim_jax import jobs, metric_writers, population, runs, train  # noqa: E402
 
@@ -32,10 +32,7 @@ def _cfg(tmp_path, **kw):
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
-  tmp = tmp_path_factory.mktemp("pre")
-  wd = str(tmp / "run")
-  train.train_and_evaluate(tiny_config(tmp, **{"train.num_steps": 4, "train.eval_splits": ()}), wd)
-  return wd
+  return pretrained_run(tmp_path_factory)
 
 
 def test_parse_is_the_grid_of_the_keys_values():

@@ -52,3 +52,13 @@ def finetune_config(init: str, tmp_path, method: str = "full_ft", model: str = "
                       "data.val_size": 16, "data.test_size": 16, "data.num_classes": 3,
                       "analysis.max_examples": 16, "train.tensorboard": False,
                       "train.log_every": 1, "optim.warmup_steps": 0, **overrides})
+
+
+def pretrained_run(tmp_path_factory, steps: int = 4) -> str:
+  """The directory of a tiny finished run (small_cnn) for fine-tuning tests to start from."""
+  from repsim_jax import train  # pylint: disable=g-import-not-at-top
+  tmp = tmp_path_factory.mktemp("pre")
+  wd = str(tmp / "run")
+  train.train_and_evaluate(tiny_config(tmp, **{"train.num_steps": steps,
+                                               "train.eval_splits": ()}), wd)
+  return wd

@@ -9,7 +9,7 @@ import jax
 import pytest
 
 from repsim_jax import config_lib, jobs, metric_writers, runs, train
-from _tiny import REPO, tiny_config
+from _tiny import REPO, pretrained_run, tiny_config
 
 
 class Killed(BaseException):
@@ -158,10 +158,7 @@ def test_default_run_reruns_only_the_changed_stage(tmp_path):
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
-  tmp = tmp_path_factory.mktemp("pre")
-  wd = str(tmp / "run")
-  train.train_and_evaluate(tiny_config(tmp, **{"train.num_steps": 4, "train.eval_splits": ()}), wd)
-  return wd
+  return pretrained_run(tmp_path_factory)
 
 
 # RepSim's Q with Stiefel Adam (moments and count in the optimiser state) and LP-FT killed after
