@@ -310,3 +310,19 @@ def method_config(name: str = "full_ft", **overrides) -> ml_collections.ConfigDi
   m.eta = 0.01                    # ASAM: T_w = |w| + η
   m.update(overrides)
   return m
+
+
+def set_keys(cfg: ml_collections.ConfigDict, overrides):
+  """`cfg` with dotted keys set (`{"optim.lr": 0.1}`); an unknown key is a one-line error."""
+  for dotted, value in overrides.items():
+    node = cfg
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+      if p not in node:
+        raise ValueError(f"{dotted}: no such config key")
+      node = node[p]
+    if leaf not in node:
+      raise ValueError(f"{dotted}: no such config key")
+    with node.unlocked():
+      node[leaf] = tuple(value) if isinstance(value, list) else value
+  return cfg

@@ -142,17 +142,13 @@ def _executor(launch, folder: str):
 def population_groups(tasks: Sequence[Task], size: int) -> list[list[int]]:
   """Task indices in groups that can train as one population (same config up to the seed and
   population.SCALARS, supervised), each of at most `size`, in task order; singletons else."""
-  from repsim_jax import population, runs  # pylint: disable=g-import-not-at-top
+  from repsim_jax import config_lib, population, runs  # pylint: disable=g-import-not-at-top
   if size <= 1:
     return [[i] for i in range(len(tasks))]
   by_key: dict[str, list[int]] = {}
   for i, t in enumerate(tasks):
-    c = copy.deepcopy(t.cfg)
-    with c.unlocked():
-      for key in population.KEYS:
-        node, leaf = (c, key) if "." not in key else (c[key.split(".")[0]], key.split(".")[1])
-        if leaf in node:
-          node[leaf] = type(node[leaf])(0)
+    c = config_lib.set_keys(copy.deepcopy(t.cfg), {
+        k: type(config_lib.lookup(t.cfg, k))(0) for k in population.KEYS})
     key = runs.identity(c) if t.cfg.get("objective", "supervised") == "supervised" else f"solo{i}"
     by_key.setdefault(key, []).append(i)
   groups = [g[j:j + size] for g in by_key.values() for j in range(0, len(g), size)]

@@ -76,15 +76,9 @@ def members(cfg, workdir: str) -> list[tuple[ml_collections.ConfigDict, str]]:
   the member's values and no population, in `<workdir>/<label>-<identity>`."""
   out = []
   for overrides in parse(cfg.train.population):
-    c = copy.deepcopy(cfg)
-    c.unlock()
-    c.train.population = ""
-    for key, value in overrides.items():
-      *block, leaf = key.split(".")
-      node = c
-      for b in block:
-        node = node[b]
-      node[leaf] = type(node[leaf])(value)
+    c = config_lib.set_keys(copy.deepcopy(cfg), {
+        "train.population": "",
+        **{k: type(config_lib.lookup(cfg, k))(v) for k, v in overrides.items()}})
     out.append((c, runs.run_dir(workdir, label(overrides), c)))
   return out
 

@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 import pandas as pd
 
-from repsim_jax import io, launch as launch_lib, runs
+from repsim_jax import config_lib, io, launch as launch_lib, runs
 
 
 @dataclasses.dataclass
@@ -86,20 +86,7 @@ def history(workdir: str, result: dict, split: str) -> pd.DataFrame:
   return pd.DataFrame(rows)
 
 
-def set_keys(cfg: ml_collections.ConfigDict, overrides: Mapping[str, Any]):
-  """`cfg` with dotted keys set (`{"optim.lr": 0.1}`); an unknown key is a one-line error."""
-  for dotted, value in overrides.items():
-    node = cfg
-    *parents, leaf = dotted.split(".")
-    for p in parents:
-      if p not in node:
-        raise ValueError(f"{dotted}: no such config key")
-      node = node[p]
-    if leaf not in node:
-      raise ValueError(f"{dotted}: no such config key")
-    with node.unlocked():
-      node[leaf] = tuple(value) if isinstance(value, list) else value
-  return cfg
+set_keys = config_lib.set_keys  # (where studies have always found it)
 
 
 LAUNCH_FLAGS = {"executor": str, "workers": int, "devices_per_worker": int, "partition": str,
