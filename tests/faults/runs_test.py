@@ -183,6 +183,9 @@ def test_methods_with_their_own_state_resume_exactly(tmp_path, pretrained, monke
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+# Slow: the default run end to end (cli_test::test_default_run) and a SIGKILLed run resuming
+# exactly (train_test::test_resume_after_sigkill_matches_uninterrupted) stay in the default set.
+@pytest.mark.slow
 def test_default_run_killed_in_a_stage_resumes_to_the_same_summary(tmp_path, monkeypatch):
   ref = jobs.run(_default_config(tmp_path, 0.3), str(tmp_path / "ref"))
   wd = str(tmp_path / "killed")
@@ -203,7 +206,8 @@ def _free_port():
     return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("victim", [1, 0], ids=["worker_killed", "coordinator_killed"])
+@pytest.mark.parametrize("victim", [1, pytest.param(0, marks=pytest.mark.slow)],
+                         ids=["worker_killed", "coordinator_killed"])
 def test_killed_peer_ends_the_others_with_one_line(tmp_path, victim):
   """2 jax.distributed processes; SIGKILL one after its step-20 checkpoint. The survivor exits 1
   within the heartbeat timeout (+ 1 s polling) with one `error:` line naming the last checkpoint,
