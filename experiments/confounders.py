@@ -10,8 +10,9 @@ For every source x confounder kind x p x fold x method it fine-tunes on the bina
 the confounder on a fraction p of the positive training images, and evaluates AUC on the i.i.d.,
 o.o.d. (association reversed) and clean test sets. A source is `pretrain:<synthetic kind>`
 (pretrained here, supervised, once), a run directory or weights file (anything
-`config.model.init` reads), or empty (random init; RepSim is skipped for it, having no
-pretrained representation to keep). Writes `results.csv` (one row per run), `summary.csv` (mean,
+`config.model.init` reads; `model@file` when it needs another model than the setting's, e.g.
+`resnet50_keras@RadImageNet-ResNet50_notop.h5`), or empty (random init; RepSim is skipped for
+it, having no pretrained representation to keep). Writes `results.csv` (one row per run), `summary.csv` (mean,
 std, n over folds), `auc_vs_p.png` (one panel per test set and kind, mean ± std over folds) and
 `report.md`: per kind and method, which source degrades more on o.o.d. (the i.i.d. - o.o.d. AUC
 gap at the largest p, per fold) and a permutation t-test between every pair of sources
@@ -37,8 +38,9 @@ TESTS = {"iid": "test", "ood": "test_ood", "clean": "test_clean"}
 
 # `small`: synthetic data, 2 CPU cores. `full`: MedMNIST PneumoniaMNIST at 224 px (download
 # pneumoniamnist_224.npz into --data_dir) from ImageNet ResNet-50 weights (`python -m
-# repsim_jax.models.export torchvision:resnet50 weights/r50.safetensors`) and random init, on
-# accelerators; add a medical source with --sources (a run dir or weights file).
+# repsim_jax.models.export torchvision:resnet50 weights/r50.safetensors`), RadImageNet's released
+# ResNet-50 (its Keras `RadImageNet-ResNet50_notop.h5`, read with h5py) and random init, on
+# accelerators.
 SETTINGS = {
     "small": dict(
         # Normal tissue against a dark lesion (classes 0 and 4 of 8): a label signal the bright
@@ -50,7 +52,8 @@ SETTINGS = {
         pretrain_steps=600, finetune_steps=150, batch=64, data_dir=""),
     "full": dict(
         target=dict(source="medmnist", name="pneumoniamnist", size=224),
-        model="resnet50", sources="imagenet=weights/r50.safetensors,random=",
+        model="resnet50", sources="imagenet=weights/r50.safetensors,radimagenet="
+        "resnet50_keras@weights/RadImageNet-ResNet50_notop.h5,random=",
         kinds="tag,patch,lowpass,noise", ps="0,0.1,0.2,0.5,0.8,1", folds=5,
         methods="full_ft,repsim", pretrain_steps=0, finetune_steps=2000, batch=64,
         data_dir="data"),
@@ -62,10 +65,17 @@ def parse_sources(spec: str) -> dict[str, str]:
   for item in filter(None, spec.split(",")):
     if "=" not in item:
       raise ValueError(f"--sources: {item!r}: expected name=init (init: a run dir, a weights "
-                       "file, pretrain:<synthetic kind>, or empty for random init)")
+                       "file or model@file, pretrain:<synthetic kind>, or empty for random init)")
     name, init = item.split("=", 1)
     out[name.strip()] = init.strip()
   return out
+
+
+def model_and_init(init: str, model: str) -> tuple[str, str]:
+  """`model@file` -> (model, file); a plain init keeps the setting's model."""
+  if "@" in init and not os.path.exists(init):
+    return tuple(part.strip() for part in init.split("@", 1))
+  return model, init
 
 
 def pretrain_source(kind: str, s: dict, data_dir: str):
@@ -87,7 +97,7 @@ def finetune_config(s, init, kind, p, fold, method, data_dir, seed=0):
   c.data.data_dir = data_dir
   c.data.folds, c.data.fold = s["folds"], fold
   c.data.confounder.update(dict(kind=kind, p=float(p), seed=fold))
-  c.model.name, c.model.init = s["model"], init
+  c.model.name, c.model.init = model_and_init(init, s["model"])
   c.method = config_lib.method_config(method)
   c.optim.lr, c.optim.warmup_steps = 0.02, 10
   c.train.num_steps, c.train.batch_size = s["finetune_steps"], s["batch"]

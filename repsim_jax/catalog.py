@@ -21,6 +21,8 @@ WEIGHT_FORMATS = (
                      "DINO ViTs, DINOv2 ViT-S/B/L (with or without registers): the backbone "
                      "under its prefix, projection heads dropped"),
     (".npz", "Google / big_vision ViT checkpoints (e.g. ViT-B_16.npz)"),
+    (".h5", "Keras ResNet-50 weights, e.g. RadImageNet's RadImageNet-ResNet50_notop.h5 (model "
+            "resnet50_keras; needs h5py: the `h5` extra)"),
 )
 
 
@@ -68,7 +70,8 @@ def confounders() -> list[tuple[str, str]]:
   from repsim_jax.data import confounders as conf  # pylint: disable=g-import-not-at-top
   what = {"tag": "a white letter (config.data.confounder.text)", "patch": "a white square",
           "lowpass": "high spatial frequencies removed", "noise": "CT-like Poisson noise, "
-          "stronger on confounded images"}
+          "stronger on confounded images", "attribute": "a sampled group of an image folder's "
+          "CSV column (config.data.confounder.attribute, .group_a)"}
   return [(k, what[k] + "; config.data.confounder.kind") for k in conf.KINDS]
 
 

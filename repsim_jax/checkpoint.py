@@ -229,7 +229,8 @@ def _verify(expected: dict | None, restored: dict, where: str) -> None:
 
 
 def load_pretrained(path: str, model_name: str, **model_kwargs) -> dict:
-  """Model variables from a run dir (orbax), torchvision/timm `.safetensors`/`.pth`, or ViT `.npz`."""
+  """Model variables from a run dir (orbax), torchvision/timm `.safetensors`/`.pth`, ViT `.npz`
+  or Keras ResNet `.h5`."""
   from repsim_jax.models import convert
   if os.path.isdir(path):
     return load_run_variables(path)
@@ -238,8 +239,11 @@ def load_pretrained(path: str, model_name: str, **model_kwargs) -> dict:
   is_vit = model_name.startswith("vit")
   if path.endswith(".npz"):
     return convert.load_big_vision_vit_npz(path, arch=model_name, **model_kwargs)
+  if path.endswith(".h5"):
+    return convert.load_keras_resnet(path, arch=model_name, **model_kwargs)
   if path.endswith((".safetensors", ".pth", ".pt", ".bin")):
     if is_vit:
       return convert.load_timm_vit(path, arch=model_name, **model_kwargs)
     return convert.load_torchvision_resnet(path, arch=model_name, **model_kwargs)
-  raise ValueError(f"config.model.init={path!r}: expected a run directory, .safetensors, .pth or .npz")
+  raise ValueError(f"config.model.init={path!r}: expected a run directory, .safetensors, .pth, "
+                   ".npz or .h5")

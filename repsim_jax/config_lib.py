@@ -145,8 +145,11 @@ def data_config() -> ml_collections.ConfigDict:
   d.fold_seed = 0
   # Shortcut learning (DESIGN §6, `data.confounders`): an artefact on a fraction p of the positive
   # train / val images; test becomes i.i.d. `test`, `test_ood` and `test_clean`. "" = off.
+  # `attribute`: positives from group A (the CSV column `attribute` equal to `group_a`) with
+  # probability p, negatives all from A; an image folder's CSV holds the column.
   d.confounder = ml_collections.ConfigDict(dict(
-      kind="", p=0.0, seed=0, positive=1, text="R", photons=2e7, photons_confounded=1.5e7))
+      kind="", p=0.0, seed=0, positive=1, text="R", photons=2e7, photons_confounded=1.5e7,
+      attribute="", group_a=""))
   d.splits = ml_collections.ConfigDict({"train": "train", "val": "validation", "test": "test"})
   d.image_key = "image"      # tfds
   d.label_key = "label"      # tfds
@@ -178,7 +181,7 @@ def train_config() -> ml_collections.ConfigDict:
   c.model.name = "resnet_small"
   c.model.num_classes = 0         # 0 = the dataset's
   c.model.dtype = "float32"       # computation dtype: float32 | bfloat16
-  c.model.init = ""               # run dir, .safetensors/.pth, or ViT .npz; "" = random init
+  c.model.init = ""               # run dir, .safetensors/.pth, ViT .npz, Keras .h5; "" = random
   c.model.reset_head = True       # new head for the new task when loading weights
   c.model.kwargs = ml_collections.ConfigDict()
 

@@ -329,11 +329,15 @@ class _Run:
                         "config.train.eval_batch_size")
     self.splits, self.info = splits, info = data.load_dataset(cfg.data)
     check_splits(cfg, splits)
-    carried = {k: np.flatnonzero(v.carried).tolist() for k, v in splits.items()
-               if hasattr(v, "carried")}
-    if carried and jax.process_index() == 0:  # which images carry the confounder: auditable
+    # Which images carry the confounder (an `attribute` rule: which it keeps): auditable.
+    audit = {"carried": {k: np.flatnonzero(v.carried).tolist() for k, v in splits.items()
+                         if hasattr(v, "carried")},
+             "kept": {k: np.asarray(v.kept).tolist() for k, v in splits.items()
+                      if hasattr(v, "kept")}}
+    audit = {k: v for k, v in audit.items() if v}
+    if audit and jax.process_index() == 0:
       io.write_text(os.path.join(workdir, "confounded.json"), json.dumps(
-          {"confounder": cfg.data.confounder.to_dict(), "carried": carried}) + "\n")
+          {"confounder": cfg.data.confounder.to_dict(), **audit}) + "\n")
     self.num_steps = num_train_steps(cfg, len(splits["train"]))
     # SSL trains the backbone alone (no classifier: its features are what the heads see).
     num_classes = (cfg.model.num_classes or info.num_classes) if cfg.objective == "supervised" else 0

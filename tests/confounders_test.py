@@ -3,6 +3,7 @@
 import json
 import os
 
+import jax
 import numpy as np
 import pandas as pd
 import pytest
@@ -156,6 +157,20 @@ def test_the_shortcut_is_learned_at_p1_and_absent_at_p0(tmp_path):
   assert abs(at[0.0].auc_iid.mean() - at[0.0].auc_ood.mean()) < max(spread, 0.05)
 
 
+def test_a_source_can_name_its_own_model():
+  # RadImageNet's Keras weights need the Keras-layout ResNet-50 beside torchvision's ImageNet one.
+  study = _study()
+  sources = study.parse_sources("imagenet=weights/r50.safetensors,"
+                                "radimagenet=resnet50_keras@weights/RadImageNet.h5,random=")
+  s = study.SETTINGS["full"]
+  models = {name: study.finetune_config(s, init, "tag", 0.5, 0, "full_ft", "data").model
+            for name, init in sources.items()}
+  assert {k: (m.name, m.init) for k, m in models.items()} == {
+      "imagenet": ("resnet50", "weights/r50.safetensors"),
+      "radimagenet": ("resnet50_keras", "weights/RadImageNet.h5"), "random": ("resnet50", "")}
+  assert "radimagenet=resnet50_keras@" in s["sources"]
+
+
 def test_report_numbers_equal_the_csv(tmp_path):
   """The outputs of a results table (what the runs return), without training."""
   study = _study()
@@ -247,3 +262,86 @@ def test_image_folder_patients_stay_in_one_split_and_one_fold(tmp_path):
     i = int(np.flatnonzero(splits["train"].carried)[0])
     assert (splits["train"][i]["image"] != splits["train"].source[i]["image"]).any()
   assert len(seen) == len(set(patients["train"]) | set(patients["val"]))
+
+
+def _attribute_folder(tmp_path, n=120):
+  """An image folder whose CSV has a `sex` column beside the label (seeded, balanced)."""
+  from PIL import Image
+  rng = np.random.default_rng(1)
+  os.makedirs(tmp_path / "im", exist_ok=True)
+  rows = []
+  for i in range(n):
+    Image.fromarray(rng.integers(0, 200, (12, 12), dtype=np.uint8)).save(tmp_path / "im" / f"{i}.png")
+    rows.append(f"im/{i}.png,{i % 2},{'FM'[(i // 2) % 2]}")
+  (tmp_path / "labels.csv").write_text("path,label,sex\n" + "\n".join(rows) + "\n")
+  cfg = config_lib.data_config()
+  cfg.source, cfg.root, cfg.csv, cfg.image_size, cfg.channels = (
+      "image_folder", str(tmp_path), "labels.csv", 8, 1)
+  cfg.val_fraction = cfg.test_fraction = 0.25
+  cfg.confounder.update(dict(kind="attribute", attribute="sex", group_a="F", p=0.8, seed=3))
+  return cfg
+
+
+def test_attribute_confounder_from_an_image_folder_column(tmp_path):
+  cfg = _attribute_folder(tmp_path)
+  splits, info = data.load_dataset(cfg)
+  assert info.task == "binary"
+  whole, _ = data.load_dataset({**cfg.to_dict(), "confounder": {"kind": ""}})
+  for name in ("train", "val"):
+    s, src = splits[name], splits[name].sources[0]  # the split before sampling
+    assert len(src) == len(whole[name])
+    np.testing.assert_array_equal(s.kept, C.attribute_indices(
+        src.labels, src.attributes, 0.8, "train", 3 + (name == "val"), 1, "F"))
+    pos = s.labels == 1
+    # DESIGN §6: positives from group A with probability p, negatives only from group A.
+    assert abs(np.mean(s.attributes[pos] == "F") - 0.8) <= 1 / pos.sum()
+    assert (s.attributes[~pos] == "F").all()
+    assert s[0]["image"].tobytes() == src[int(s.kept[0])]["image"].tobytes()
+  ood = splits["test_ood"]
+  assert ((ood.labels == 1) == (ood.attributes == "F")).all()
+  assert len(splits["test_clean"]) == len(whole["test"])
+  with pytest.raises(ValueError, match=r"config.data.confounder.group_a='X': not a value of "
+                     r"column 'sex'"):
+    data.load_dataset({**cfg.to_dict(), "confounder": {**cfg.confounder.to_dict(),
+                                                       "group_a": "X"}})
+  with pytest.raises(ValueError, match=r"config.data.confounder.attribute: needed for "
+                     r"kind='attribute'"):
+    data.load_dataset({**cfg.to_dict(), "confounder": {**cfg.confounder.to_dict(),
+                                                       "attribute": ""}})
+  with pytest.raises(ValueError, match=r"kind='attribute': needs per-image metadata.*'synthetic'"):
+    data.load_dataset(_tiny(tmp_path, kind="attribute", attribute="sex", group_a="F").data)
+  with pytest.raises(ValueError, match=r"labels.csv: missing column 'age'"):
+    data.load_dataset({**cfg.to_dict(), "confounder": {**cfg.confounder.to_dict(),
+                                                       "attribute": "age"}})
+
+
+def test_an_attribute_run_saves_which_images_it_kept(tmp_path):
+  c = _tiny(tmp_path)
+  c.data = _attribute_folder(tmp_path)
+  c.data.mean, c.data.std = (0.5,), (0.25,)  # one channel
+  c.train.eval_batch_size = 8
+  res = train.train_and_evaluate(c, str(tmp_path / "run"))
+  assert set(res["final"]) == {"val", "test", "test_ood", "test_clean"}
+  saved = json.load(open(tmp_path / "run" / "confounded.json"))
+  splits, _ = data.load_dataset(c.data)
+  assert set(saved["kept"]) == {"train", "val", "test", "test_ood", "test_clean"}
+  for name, kept in saved["kept"].items():
+    assert kept == splits[name].kept.tolist()
+    assert res["final"].get(name, {"num_examples": len(kept)})["num_examples"] == len(kept)
+
+
+def test_a_confounded_run_trains_the_same_on_one_and_eight_devices(tmp_path):
+  # The artefact is stamped on the host, per image index: the data-parallel step sees the same
+  # global batch on 8 devices as on 1.
+  from repsim_jax import checkpoint
+  out = {}
+  for n in (1, 8):
+    c = _tiny(tmp_path, kind="tag", p=1.0, seed=1)
+    c.parallel.num_devices, c.train.num_steps = n, 4
+    res = train.train_and_evaluate(c, str(tmp_path / f"d{n}"))
+    out[n] = (checkpoint.load_run_variables(str(tmp_path / f"d{n}")), res)
+  (a, ra), (b, rb) = out[1], out[8]
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+  for split in ("test", "test_ood", "test_clean"):
+    assert ra["final"][split]["auc"] == pytest.approx(rb["final"][split]["auc"], abs=1e-4)

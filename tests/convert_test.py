@@ -3,6 +3,8 @@
 import functools
 import importlib.util
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -300,6 +302,78 @@ def test_torchvision_pth_without_torch_equals_the_safetensors(tmp_path):
   got = convert.load_torchvision_resnet(os.path.join(OURS, "resnet_small_torchvision.pth"),
                                         arch="resnet_small")
   _assert_same_tree(got, ref)
+
+
+# ---------------------------------------------------------------------------------------------
+# Keras ResNet .h5 (RadImageNet's layout): fixtures written by Keras (tests/fixtures/make_keras.py).
+
+_TINY_KERAS = dict(width=8, stage_sizes=(2, 1, 1, 1))
+
+
+def _keras_outputs(path, io, **kw):
+  variables = convert.load_keras_resnet(path, **kw)
+  num_classes = (int(variables["params"]["head"]["bias"].shape[0])
+                 if "head" in variables["params"] else 0)
+  model = get_model("resnet50_keras", num_classes, precision=jax.lax.Precision.HIGHEST, **kw)
+  logits, reps = _jitted_apply(model)(variables, jnp.asarray(io["input"]))
+  return num_classes, np.asarray(logits), np.asarray(reps["pre_logits"])
+
+
+@pytest.mark.parametrize("stem", ["keras_resnet_tiny", "keras_resnet_tiny_notop"])
+def test_keras_resnet_reproduces_keras_outputs(stem):
+  # The whole-model file (Keras 3 legacy save, `model_weights` group) and the weights-only one
+  # (top-level `layer_names`, as RadImageNet's `_notop` files): same weights, same features.
+  io = np.load(os.path.join(OURS, "keras_resnet_tiny_io.npz"))
+  num_classes, logits, pre_logits = _keras_outputs(os.path.join(OURS, f"{stem}.h5"), io,
+                                                   **_TINY_KERAS)
+  assert np.abs(pre_logits - io["pre_logits"]).max() <= 1e-4 * np.abs(io["pre_logits"]).max()
+  if stem.endswith("notop"):
+    assert num_classes == 0
+  else:
+    assert num_classes == 3
+    assert np.abs(logits - io["logits"]).max() <= 1e-4
+
+
+@pytest.mark.slow
+def test_keras_applications_resnet50_reproduces_keras(tmp_path):
+  # keras.applications.ResNet50 itself (random weights, random BatchNorm statistics), 64 px.
+  if importlib.util.find_spec("keras") is None:  # not imported here: it would pick a backend
+    pytest.skip("the Keras check needs keras (the test extra has it)")
+  out = subprocess.run([sys.executable, os.path.join(OURS, "make_keras.py"), str(tmp_path),
+                        "--full"], capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, KERAS_BACKEND="jax"))
+  assert out.returncode == 0, out.stderr[-2000:]
+  io = np.load(tmp_path / "keras_resnet50_io.npz")
+  num_classes, logits, pre_logits = _keras_outputs(tmp_path / "keras_resnet50.h5", io)
+  assert num_classes == 4
+  assert np.abs(pre_logits - io["pre_logits"]).max() <= 1e-4 * np.abs(io["pre_logits"]).max()
+  assert np.abs(logits - io["logits"]).max() <= 1e-4
+
+
+def test_keras_reader_errors(tmp_path):
+  import h5py
+  tiny = os.path.join(OURS, "keras_resnet_tiny.h5")
+  with pytest.raises(ValueError, match=r"keras_resnet_tiny.h5: Keras ResNet weights need a "
+                     r"Keras-layout model \(config.model.name='resnet50_keras'\), got 'resnet50'"):
+    convert.load_keras_resnet(tiny, arch="resnet50", **_TINY_KERAS)
+  with pytest.raises(ValueError, match="keras_resnet_tiny.h5: key '.*' has the wrong shape"):
+    convert.load_keras_resnet(tiny)  # the registry's width 64 is not this file's 8
+  with h5py.File(tmp_path / "new.weights.h5", "w") as f:  # Keras 3's own weights layout
+    f.create_dataset("layers/conv2d/vars/0", data=np.zeros((7, 7, 3, 8), np.float32))
+    f.create_group("vars")
+  with pytest.raises(ValueError, match=r"new.weights.h5: no 'layer_names' attribute.*Keras 3's "
+                     r"\.weights\.h5 layout"):
+    convert.load_keras_resnet(tmp_path / "new.weights.h5")
+  (tmp_path / "text.h5").write_text("not hdf5")
+  with pytest.raises(ValueError, match="text.h5: not a readable HDF5 file"):
+    convert.load_keras_resnet(tmp_path / "text.h5")
+  with h5py.File(tmp_path / "nan.h5", "w") as f, h5py.File(tiny, "r") as src:
+    src.copy("model_weights", f)
+    ds = f["model_weights/conv1_bn/conv1_bn/moving_variance"]
+    ds[0] = -1.0
+  with pytest.raises(ValueError, match=r"nan.h5: BatchNorm variance 'conv1_bn/moving_variance' "
+                     "has negative values"):
+    convert.load_keras_resnet(tmp_path / "nan.h5", **_TINY_KERAS)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torch") is not None,

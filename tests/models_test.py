@@ -58,7 +58,8 @@ def _count(tree):
 
 
 def test_registry_names_and_errors():
-  assert set(MODEL_NAMES) == {"resnet18", "resnet50", "resnet_small", "vit_ti16", "vit_s16",
+  assert set(MODEL_NAMES) == {"resnet18", "resnet50", "resnet50_keras", "resnet_small",
+                              "vit_ti16", "vit_s16",
                               "vit_b16", "small_cnn", *(f"vit_{s}14{r}_dinov2" for s in "sbl"
                                                         for r in ("", "_reg4"))}
   with pytest.raises(ValueError, match="name") as e:
@@ -71,10 +72,12 @@ def test_registry_names_and_errors():
     get_model("resnet18", 10, depth=3)
 
 
-# Reference parameter counts of torchvision resnet18/resnet50 and timm vit_{tiny,small,base}
-# _patch16_224 (1000 classes); the ResNet counts exclude BatchNorm running statistics.
+# Reference parameter counts of torchvision resnet18/resnet50, keras.applications.ResNet50 (its
+# trainable weights) and timm vit_{tiny,small,base}_patch16_224 (1000 classes); the ResNet
+# counts exclude BatchNorm running statistics.
 @pytest.mark.parametrize("name,expected", [
-    ("resnet18", 11_689_512), ("resnet50", 25_557_032), ("vit_ti16", 5_717_416),
+    ("resnet18", 11_689_512), ("resnet50", 25_557_032), ("resnet50_keras", 25_583_592),
+    ("vit_ti16", 5_717_416),
     ("vit_s16", 22_050_664), ("vit_b16", 86_567_656)])
 def test_param_counts_match_reference_implementations(name, expected):
   variables, _ = _shapes(get_model(name, 1000), (1, 224, 224, 3))
@@ -84,7 +87,7 @@ def test_param_counts_match_reference_implementations(name, expected):
 def _expected_reps(name, n, s):
   if name.startswith("resnet"):
     width = 16 if name == "resnet_small" else 64
-    exp = 4 if name == "resnet50" else 1
+    exp = 4 if name.startswith("resnet50") else 1
     out = {"stem": (n, s // 4, s // 4, width)}
     for i in range(4):
       hw = s // 4 // 2**i

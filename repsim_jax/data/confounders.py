@@ -5,12 +5,14 @@ A confounder is an artefact stamped on a seeded fraction p of the *positive* tra
 validation) images. Test sets: i.i.d. (the same rule), o.o.d. (every negative carries it, no
 positive: the association reversed) and clean (none). `noise` noises every image and the
 confounded ones more. `attribute` is not an artefact but a sampling rule over a metadata group
-(the paper's sex split), `attribute_indices`.
+(the paper's sex split), `attribute_indices`: each image's group is a column of an image
+folder's CSV (`config.data.confounder.attribute`), and the splits keep the sampled images.
 
 Every artefact is a pure function of one image (H, W, C) and, for `noise`, a seed; its
 constants are the paper's for 512 px images, scaled by side / 512. `confound` wraps any
 random-access source lazily (image folders too); which images carry the artefact is its
-`carried` mask, which the trainer writes to `confounded.json` in the run directory.
+`carried` mask (an `attribute` split's: `kept`, the indices it keeps), which the trainer writes
+to `confounded.json` in the run directory.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-KINDS = ("tag", "patch", "lowpass", "noise")
+ARTEFACTS = ("tag", "patch", "lowpass", "noise")
+KINDS = (*ARTEFACTS, "attribute")
 RULES = ("train", "iid", "ood", "clean")
 _REF = 512.0  # the paper's image side
 MU_WATER, MU_AIR = 0.1837, 0.1662  # the paper's attenuation coefficients
@@ -176,7 +179,7 @@ def stamp(kind: str, image: np.ndarray, carried: bool, *, seed: int = 0, text: s
     return patch(image)
   if kind == "lowpass":
     return lowpass(image)
-  raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
+  raise ValueError(f"kind: expected one of {ARTEFACTS}, got {kind!r}")
 
 
 class Confounded:
@@ -184,8 +187,8 @@ class Confounded:
   `__getitem__`: the same bytes for a given (seed, index), so resumption is unchanged)."""
 
   def __init__(self, source, carried: np.ndarray, kind: str, seed: int, **params):
-    if kind not in KINDS:
-      raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
+    if kind not in ARTEFACTS:
+      raise ValueError(f"kind: expected one of {ARTEFACTS}, got {kind!r}")
     self.source, self.carried, self.kind, self.seed, self.params = source, carried, kind, seed, params
     self.labels = getattr(source, "labels", None)
     self.name = f"{getattr(source, 'name', 'source')}+{kind}"
@@ -209,6 +212,8 @@ def labels_of(source) -> np.ndarray:
 def confound_splits(splits: dict, cfg, positive: int = 1) -> dict:
   """`config.data.confounder` on a dataset's splits: train and val under the training rule,
   and the test split as `test` (i.i.d.), `test_ood` and `test_clean`."""
+  if cfg.kind == "attribute":
+    return _sample_splits(splits, cfg, positive)
   params = dict(text=cfg.text, photons=float(cfg.photons),
                 photons_confounded=float(cfg.photons_confounded))
   out = dict(splits)
@@ -221,4 +226,32 @@ def confound_splits(splits: dict, cfg, positive: int = 1) -> dict:
     for rule, name in (("iid", "test"), ("ood", "test_ood"), ("clean", "test_clean")):
       out[name] = Confounded(splits["test"], select(labels, cfg.p, rule, cfg.seed + 2, positive),
                              cfg.kind, cfg.seed + 2, **params)
+  return out
+
+
+def _sample_splits(splits: dict, cfg, positive: int) -> dict:
+  """The `attribute` rule: each split keeps `attribute_indices` of its images (`.kept`)."""
+  from repsim_jax.data.folds import Subset  # pylint: disable=g-import-not-at-top
+
+  def sample(source, rule, seed):
+    groups = getattr(source, "attributes", None)
+    if groups is None:
+      raise ValueError(f"config.data.confounder.kind='attribute': {source.name} has no per-image "
+                       "attribute; use an image folder whose CSV has the column named by "
+                       "config.data.confounder.attribute")
+    if cfg.group_a not in set(groups):
+      raise ValueError(f"config.data.confounder.group_a={cfg.group_a!r}: not a value of column "
+                       f"{cfg.attribute!r} in {source.name} (values: {sorted(set(groups))[:10]})")
+    kept = attribute_indices(labels_of(source), groups, cfg.p, rule, seed, positive, cfg.group_a)
+    out = Subset([source], kept)
+    out.kept = kept
+    return out
+
+  out = dict(splits)
+  for i, name in enumerate(("train", "val")):
+    if name in splits:
+      out[name] = sample(splits[name], "train", cfg.seed + i)
+  if "test" in splits:
+    for rule, name in (("iid", "test"), ("ood", "test_ood"), ("clean", "test_clean")):
+      out[name] = sample(splits["test"], rule, cfg.seed + 2)
   return out

@@ -45,7 +45,8 @@ def fold_of(labels, k: int, seed: int, groups=None) -> np.ndarray:
 
 
 class Subset:
-  """Examples `idx` of random-access sources pooled in order (`.labels`, `.groups` kept;
+  """Examples `idx` of random-access sources pooled in order (`.labels`, `.groups`,
+  `.attributes` kept;
   `labels` given: the items' labels replaced by them)."""
 
   def __init__(self, sources, idx, labels=None):
@@ -55,8 +56,9 @@ class Subset:
     self.relabelled = labels is not None
     self.labels = (np.asarray(labels, np.int32) if self.relabelled
                    else _pooled(self.sources, "labels")[self.idx])
-    groups = _pooled(self.sources, "groups")
-    self.groups = None if groups is None else groups[self.idx]
+    for attr in ("groups", "attributes"):  # per-image metadata follows its images
+      values = _pooled(self.sources, attr)
+      setattr(self, attr, None if values is None else values[self.idx])
     self.name = getattr(self.sources[0], "name", "subset")
 
   def __len__(self) -> int:

@@ -32,13 +32,14 @@ _SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": 
 
 class ImageFolderSource:
   """Random-access split of image files. `.paths` (N,) str, `.labels` int32 (N,), `.groups`
-  (N,) patient ids or None."""
+  (N,) patient ids or None, `.attributes` (N,) str values of a metadata column or None."""
 
   def __init__(self, paths, labels, *, image_size: int, channels: int = 3, name: str = "folder",
-               groups=None):
+               groups=None, attributes=None):
     self.paths = np.asarray(paths, dtype=object)
     self.labels = np.asarray(labels, np.int32)
     self.groups = None if groups is None else np.asarray(groups, dtype=object)
+    self.attributes = None if attributes is None else np.asarray(attributes, dtype=object)
     self.image_size = int(image_size)
     self.channels = int(channels)
     self.name = name
@@ -81,14 +82,15 @@ def _class_folder_rows(directory: str, classes: list[str]):
 
 
 def _read_csv(root: str, csv_path: str, path_column: str, label_column: str, split_column: str,
-              path_suffix: str, group_column: str = ""):
+              path_suffix: str, group_column: str = "", attribute_column: str = ""):
+  """(csv path, rows): (path, label, split or None, group or None, attribute or None) each."""
   csv_path = csv_path if os.path.isabs(csv_path) else os.path.join(root, csv_path)
   if not os.path.exists(csv_path):
     raise FileNotFoundError(f"{csv_path}: CSV file not found")
   with open(csv_path, newline="") as f:
     reader = csv_lib.DictReader(f)
     header = reader.fieldnames or []
-    for col in (path_column, label_column):
+    for col in (path_column, label_column, *([attribute_column] if attribute_column else [])):
       if col not in header:
         raise ValueError(f"{csv_path}: missing column {col!r} (header: {header})")
     rows = []
@@ -102,7 +104,8 @@ def _read_csv(root: str, csv_path: str, path_column: str, label_column: str, spl
         split = _SPLIT_ALIASES[value]
       path = os.path.join(root, row[path_column].strip() + path_suffix)
       group = str(row[group_column]).strip() if group_column and group_column in header else None
-      rows.append((path, row[label_column].strip(), split, group))
+      attribute = str(row[attribute_column]).strip() if attribute_column else None
+      rows.append((path, row[label_column].strip(), split, group, attribute))
   return csv_path, rows
 
 
@@ -161,8 +164,11 @@ def load_image_folder(root: str, *, csv: str = "", image_size: int = 224, channe
                       path_column: str = "path", label_column: str = "label",
                       split_column: str = "split", path_suffix: str = "",
                       task: str | None = None, name: str | None = None, classes=(),
-                      group_column: str = "patient"):
+                      group_column: str = "patient", attribute_column: str = ""):
   """Loads an image-folder data set (see the module docstring for layouts).
+
+  `attribute_column` (needs `csv`): a metadata column kept per image as `.attributes` (the
+  `attribute` confounder samples by it).
 
   Returns:
     ({'train', 'val', 'test': ImageFolderSource}, DatasetInfo); a split with no rows is omitted.
@@ -178,16 +184,19 @@ def load_image_folder(root: str, *, csv: str = "", image_size: int = 224, channe
   where = root
   if csv:
     where, rows = _read_csv(root, csv, path_column, label_column, split_column, path_suffix,
-                            group_column)
+                            group_column, attribute_column)
   elif os.path.isdir(os.path.join(root, "train")):
     splits = [s for s in ("train", "val", "test") if os.path.isdir(os.path.join(root, s))]
     classes = sorted({c for s in splits for c in os.listdir(os.path.join(root, s))
                       if os.path.isdir(os.path.join(root, s, c))})
-    rows = [(p, c, s, None) for s in splits
+    rows = [(p, c, s, None, None) for s in splits
             for p, c in _class_folder_rows(os.path.join(root, s), classes)]
   else:
     classes = sorted(c for c in os.listdir(root) if os.path.isdir(os.path.join(root, c)))
-    rows = [(p, c, None, None) for p, c in _class_folder_rows(root, classes)]
+    rows = [(p, c, None, None, None) for p, c in _class_folder_rows(root, classes)]
+  if attribute_column and not csv:
+    raise ValueError(f"attribute_column={attribute_column!r}: needs a CSV (class folders carry no "
+                     "metadata)")
   if not rows:
     raise ValueError(f"{where}: no images found")
   _check_images([r[0] for r in rows], where)
@@ -214,13 +223,15 @@ def load_image_folder(root: str, *, csv: str = "", image_size: int = 224, channe
   labels, num_classes = _label_ids([r[1] for r in rows], split_of, where, classes)
   name = name or os.path.basename(os.path.normpath(root))
   paths = np.array([r[0] for r in rows], dtype=object)
+  attributes = np.array([r[4] for r in rows], dtype=object) if attribute_column else None
   out = {}
   for split in ("train", "val", "test"):
     sel = split_of == split
     if sel.any():
       out[split] = ImageFolderSource(paths[sel], labels[sel], image_size=image_size,
                                      channels=channels, name=f"{name}/{split}",
-                                     groups=None if groups is None else groups[sel])
+                                     groups=None if groups is None else groups[sel],
+                                     attributes=None if attributes is None else attributes[sel])
   info = DatasetInfo(name, max(num_classes, 1), task_for(num_classes, task),
                      (int(image_size), int(image_size), int(channels)))
   return out, info

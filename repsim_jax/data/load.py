@@ -50,6 +50,9 @@ def _load(cfg) -> tuple[dict[str, Any], DatasetInfo]:
   if source in ("medmnist", "tfds", "synthetic") and not c.get("name") and not (
       source == "tfds" and c["builder_dir"]):
     raise ValueError(f"name: the {source} source needs a data set name")
+  if (c.get("confounder") or {}).get("kind") == "attribute" and source != "image_folder":
+    raise ValueError(f"config.data.confounder.kind='attribute': needs per-image metadata, which "
+                     f"only image folders (a CSV column) have; config.data.source is {source!r}")
   splits, info = SOURCES[source](c)
   if c.get("keep_classes"):
     splits, info = keep_classes(splits, info, tuple(int(k) for k in c["keep_classes"]))
@@ -134,7 +137,21 @@ def _image_folder(c):
       path_column=c["path_column"], label_column=c["label_column"],
       split_column=c["split_column"], path_suffix=c["path_suffix"], task=c["task"] or None,
       group_column=c["group_column"],
+      attribute_column=_attribute_column(c),
       name=c.get("name") or None, classes=tuple(c["classes"] or ()))
+
+
+def _attribute_column(c) -> str:
+  """The CSV column an `attribute` confounder samples by ("" for other kinds)."""
+  conf = c.get("confounder") or {}
+  if conf.get("kind") != "attribute":
+    return ""
+  for key in ("attribute", "group_a"):
+    if not str(conf.get(key) or ""):
+      raise ValueError(f"config.data.confounder.{key}: needed for kind='attribute' (the CSV "
+                       "column holding each image's group, e.g. attribute=sex, and the value of "
+                       "group A in it, e.g. group_a=F)")
+  return str(conf["attribute"])
 
 
 def _tfds(c):

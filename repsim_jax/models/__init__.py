@@ -1,4 +1,4 @@
-"""Model registry: torchvision-layout ResNets, timm-layout ViTs and a small CNN.
+"""Model registry: torchvision- and Keras-layout ResNets, timm-layout ViTs and a small CNN.
 
 Every model is called as `logits, reps = model.apply(variables, x, train=False)` with x NHWC;
 `reps` is an insertion-ordered dict of named representations ending in `pre_logits`. The
@@ -14,13 +14,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from repsim_jax.models.resnet import BasicBlock, Bottleneck, ResNet
+from repsim_jax.models.resnet import BasicBlock, Bottleneck, BottleneckV1, ResNet
 from repsim_jax.models.small_cnn import SmallCNN
 from repsim_jax.models.vit import ViT
 
 _REGISTRY: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
     "resnet18": (ResNet, dict(stage_sizes=(2, 2, 2, 2), block="basic")),
     "resnet50": (ResNet, dict(stage_sizes=(3, 4, 6, 3), block="bottleneck")),
+    # Keras applications' ResNet50 (RadImageNet's release): v1 blocks, biased convs.
+    "resnet50_keras": (ResNet, dict(stage_sizes=(3, 4, 6, 3), block="bottleneck_v1",
+                                    conv_bias=True, bn_epsilon=1.001e-5)),
     "resnet_small": (ResNet, dict(stage_sizes=(1, 1, 1, 1), block="basic", width=16)),
     "vit_ti16": (ViT, dict(patch_size=16, width=192, depth=12, heads=3, mlp_dim=768)),
     "vit_s16": (ViT, dict(patch_size=16, width=384, depth=12, heads=6, mlp_dim=1536)),
@@ -105,6 +108,7 @@ def replace_head(params: Mapping[str, Any], num_classes: int, rng: jax.Array, *,
 
 
 __all__ = [
-    "MODEL_NAMES", "get_model", "replace_head", "ResNet", "BasicBlock", "Bottleneck", "ViT",
+    "MODEL_NAMES", "get_model", "replace_head", "ResNet", "BasicBlock", "Bottleneck",
+    "BottleneckV1", "ViT",
     "SmallCNN",
 ]

@@ -1,9 +1,11 @@
-"""Weight converters: torchvision ResNet / timm ViT state dicts and Google ViT `.npz` files.
+"""Weight converters: torchvision ResNet / timm ViT state dicts, Google ViT `.npz` files and
+Keras ResNet-50 `.h5` files (RadImageNet).
 
 Each loader builds the target model's variable shapes with `jax.eval_shape` (no compute), maps
 every Flax leaf to its source key(s), checks shapes, and rejects leftover source keys, so a
 wrong `arch` fails loudly with a one-line ValueError naming the file and the first offending
-key. Weights are read with `safetensors.numpy`, `.pth` files by `models.pth` (neither needs torch).
+key. Weights are read with `safetensors.numpy`, `.pth` files by `models.pth` (neither needs torch),
+`.h5` files with h5py (the `h5` extra; Keras is not needed).
 
 The number of classes and input channels come from the checkpoint (0 classes when it has no
 head); build the matching model with
@@ -220,6 +222,90 @@ def load_torchvision_resnet(path: str | os.PathLike, *, arch: str = "resnet50",
 
 
 # ---------------------------------------------------------------------------------------------
+# Keras ResNet-50 (keras.applications layout; RadImageNet's released weights)
+
+_KERAS_BN = {"scale": "gamma", "bias": "beta", "mean": "moving_mean", "var": "moving_variance"}
+
+
+def _keras_resnet_key(path: tuple[str, ...]) -> _Spec:
+  _, *mods, leaf = path
+  if mods == ["head"]:
+    layer = "predictions"
+  elif mods in (["conv1"], ["bn1"]):
+    layer = f"conv1_{mods[0][:-1]}"
+  else:
+    stage, block = re.fullmatch(r"layer(\d+)_(\d+)", mods[0]).groups()
+    sub = re.fullmatch(r"(conv|bn)(\d)|downsample_(conv|bn)", mods[1])
+    kind, index = (sub.group(1), sub.group(2)) if sub.group(1) else (sub.group(3), "0")
+    layer = f"conv{int(stage) + 1}_block{int(block) + 1}_{index}_{kind}"
+  is_bn = layer.endswith("_bn")
+  return ((f"{layer}/{_KERAS_BN[leaf] if is_bn else leaf}",), lambda w: w)
+
+
+def _read_keras_h5(path: Path) -> dict[str, Array]:
+  """`{layer/weight: array}` of a Keras HDF5 weights file (`save_weights` in Keras 2, or a
+  whole-model `.h5` with a `model_weights` group, Keras 2 or 3's legacy format). Weight names
+  keep their last two parts without the `:0` suffix, so a ResNet nested in another model
+  reads like a plain one."""
+  try:
+    import h5py  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise ImportError(f"{path.name}: reading Keras .h5 weights needs h5py: "
+                      "pip install 'repsim_jax[h5]'") from None
+  try:
+    f = h5py.File(path, "r")
+  except OSError as e:
+    raise ValueError(f"{path.name}: not a readable HDF5 file ({str(e)[:120]})") from None
+  with f:
+    g = f["model_weights"] if "model_weights" in f else f
+    if "layer_names" not in g.attrs:
+      hint = (" (Keras 3's .weights.h5 layout names variables by position; save with "
+              "model.save('model.h5') instead)" if "layers" in g and "vars" in g else "")
+      raise ValueError(f"{path.name}: no 'layer_names' attribute: not a Keras HDF5 weights "
+                       f"file{hint}")
+    text = lambda b: b.decode("utf8") if isinstance(b, bytes) else str(b)  # noqa: E731
+    state = {}
+    for layer in map(text, g.attrs["layer_names"]):
+      for weight in map(text, g[layer].attrs.get("weight_names", [])):
+        key = "/".join(weight.split(":")[0].split("/")[-2:])
+        state[key] = np.asarray(g[layer][weight])
+  _check_values(path.name, state)
+  return state
+
+
+def load_keras_resnet(path: str | os.PathLike, *, arch: str = "resnet50_keras",
+                      **model_kwargs) -> dict[str, Any]:
+  """Converts a Keras `ResNet50` HDF5 file (e.g. RadImageNet's `RadImageNet-ResNet50_notop.h5`)
+  into `{'params', 'batch_stats'}`.
+
+  Keras' v1 ResNet differs from torchvision's: the stride sits in a block's first 1x1 conv,
+  every conv has a bias and BatchNorm's epsilon is 1.001e-5; `resnet50_keras` is that model.
+  Kernels are HWIO in both frameworks, so the mapping is a renaming.
+
+  Args:
+    path: a `.h5` file as `model.save_weights` (Keras 2) or `model.save` (Keras 2, or Keras 3's
+      legacy HDF5) writes it.
+    arch: a Keras-layout ResNet (`resnet50_keras`); stage sizes or width via model_kwargs.
+  Returns:
+    variables for `get_model(arch, num_classes, **model_kwargs)`; num_classes = the
+    `predictions` layer's outputs, 0 for `include_top=False` files.
+  """
+  p = Path(path)
+  if not p.is_file():
+    raise FileNotFoundError(f"path: no such checkpoint file {str(p)!r}")
+  state = _read_keras_h5(p)
+  if "conv1_conv/kernel" not in state:
+    raise ValueError(f"{p.name}: missing key 'conv1_conv/kernel' (not a Keras ResNet)")
+  num_classes = int(state["predictions/kernel"].shape[1]) if "predictions/kernel" in state else 0
+  model = _arch_model(p.name, arch, num_classes, model_kwargs)
+  if not (getattr(model, "conv_bias", False) and getattr(model, "block", None) == "bottleneck_v1"):
+    raise ValueError(f"{p.name}: Keras ResNet weights need a Keras-layout model "
+                     f"(config.model.name='resnet50_keras'), got {arch!r}")
+  targets = _target_shapes(model, int(state["conv1_conv/kernel"].shape[2]), 64)
+  return _assemble(p.name, state, targets, _keras_resnet_key)
+
+
+# ---------------------------------------------------------------------------------------------
 # timm ViT
 
 
@@ -421,4 +507,5 @@ def load_big_vision_vit_npz(path: str | os.PathLike, *, arch: str = "vit_b16",
   return _assemble(name, source, targets, _npz_spec_fn(prefix, _NPZ_LAYOUTS[layout], pos_key))
 
 
-__all__ = ["load_torchvision_resnet", "load_timm_vit", "load_big_vision_vit_npz"]
+__all__ = ["load_torchvision_resnet", "load_keras_resnet", "load_timm_vit",
+           "load_big_vision_vit_npz"]

@@ -3,7 +3,9 @@
 Module names mirror torchvision's state-dict keys (`conv1`, `bn1`, `layer1_0/conv1`,
 `layer1_0/downsample_conv`, ...; the classifier is `head` instead of `fc`), so that
 `repsim_jax.models.convert` is a pure renaming + transposition and parameter paths read well
-when flattened with '/' (e.g. `layer3_1/bn2/scale`).
+when flattened with '/' (e.g. `layer3_1/bn2/scale`). Keras' ResNet-50 (v1: stride in the first
+1x1 conv, biased convs, BatchNorm epsilon 1.001e-5; RadImageNet's layout) is the same module
+with `block="bottleneck_v1"`, `conv_bias=True`, `bn_epsilon=1.001e-5`.
 """
 
 from __future__ import annotations
@@ -62,14 +64,15 @@ class Bottleneck(nn.Module):
   norm: ModuleDef
   strides: int = 1
   expansion: ClassVar[int] = 4
+  stride_in_1x1: ClassVar[bool] = False
 
   @nn.compact
   def __call__(self, x):
     out_ch = self.planes * self.expansion
-    y = self.conv(self.planes, (1, 1), padding="VALID", name="conv1")(x)
+    s1, s3 = ((self.strides, 1) if self.stride_in_1x1 else (1, self.strides))
+    y = self.conv(self.planes, (1, 1), (s1, s1), padding="VALID", name="conv1")(x)
     y = nn.relu(self.norm(name="bn1")(y))
-    y = self.conv(self.planes, (3, 3), (self.strides, self.strides), padding=_pad(3),
-                  name="conv2")(y)
+    y = self.conv(self.planes, (3, 3), (s3, s3), padding=_pad(3), name="conv2")(y)
     y = nn.relu(self.norm(name="bn2")(y))
     y = self.conv(out_ch, (1, 1), padding="VALID", name="conv3")(y)
     y = self.norm(name="bn3")(y)
@@ -81,7 +84,13 @@ class Bottleneck(nn.Module):
     return nn.relu(y + residual)
 
 
-BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
+class BottleneckV1(Bottleneck):
+  """The original ResNet v1 bottleneck (Keras' ResNet-50): the stride is on the first 1x1."""
+
+  stride_in_1x1: ClassVar[bool] = True
+
+
+BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck, "bottleneck_v1": BottleneckV1}
 
 
 class ResNet(nn.Module):
@@ -89,7 +98,8 @@ class ResNet(nn.Module):
 
   Attributes:
     stage_sizes: blocks per stage, e.g. (2, 2, 2, 2) for resnet18, (3, 4, 6, 3) for resnet50.
-    block: "basic" or "bottleneck" (or a block class with an `expansion` ClassVar).
+    block: "basic", "bottleneck" (v1.5) or "bottleneck_v1" (or a block class with an
+      `expansion` ClassVar).
     num_classes: classifier outputs; 0 = no head (logits are the pooled features).
     width: channels of the stem and first stage; stage i has width * 2**i planes.
     stem: "imagenet" (7x7/2 conv + 3x3/2 max-pool, torchvision) or "cifar" (3x3/1 conv, no
@@ -97,6 +107,8 @@ class ResNet(nn.Module):
     dtype: computation dtype; parameters stay float32.
     bn_axis_name: axis name for synchronised BatchNorm statistics under shard_map/pmap/vmap.
     precision: matmul/conv precision (e.g. jax.lax.Precision.HIGHEST).
+    conv_bias: convolutions with biases (Keras' ResNet-50); torchvision's have none.
+    bn_epsilon: BatchNorm epsilon (torchvision 1e-5, Keras 1.001e-5).
 
   Call: `logits, reps = model.apply(variables, x, train=False)` with x (N, H, W, C).
   reps: `stem` (after the max-pool), `layer1`.. (stage outputs, NHWC, computation dtype),
@@ -111,6 +123,8 @@ class ResNet(nn.Module):
   dtype: Any = jnp.float32
   bn_axis_name: str | None = None
   precision: Any = None
+  conv_bias: bool = False
+  bn_epsilon: float = 1e-5
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -122,13 +136,13 @@ class ResNet(nn.Module):
     if self.stem not in ("imagenet", "cifar"):
       raise ValueError(f"stem: expected 'imagenet' or 'cifar', got {self.stem!r}")
 
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
+    conv = functools.partial(nn.Conv, use_bias=self.conv_bias, dtype=self.dtype,
                              param_dtype=jnp.float32, kernel_init=_conv_init,
                              precision=self.precision,
                              conv_general_dilated=cpu.conv_general_dilated)
-    # momentum 0.9 / eps 1e-5 = torchvision's BatchNorm2d(momentum=0.1, eps=1e-5).
+    # momentum 0.9 = torchvision's BatchNorm2d(momentum=0.1).
     norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
-                             epsilon=1e-5, dtype=self.dtype, param_dtype=jnp.float32,
+                             epsilon=self.bn_epsilon, dtype=self.dtype, param_dtype=jnp.float32,
                              axis_name=self.bn_axis_name)
     # OrderedDict: jax keeps its key order through jit (plain dicts come back sorted).
     reps = collections.OrderedDict()

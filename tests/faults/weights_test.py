@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 
+import ml_collections
 import numpy as np
 import pytest
 
@@ -31,21 +32,21 @@ def _sha(path):
   return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
 
-def _check(res, wd, layers=LAYERS):
+def _check(res, wd, layers=LAYERS, first=0.9):
   saved = json.load(open(os.path.join(wd, "results.json")))
   assert saved["final"]["test"]["num_examples"] == 16
   cka = saved["similarity"]["linear_cka"]
   assert list(cka) == layers
   # Two steps from the pretrained weights: every layer still resembles them, the stem most.
   assert all(0.3 < v <= 1.0 + 1e-6 for v in cka.values()), cka
-  assert cka[layers[0]] > 0.9
+  assert cka[layers[0]] > first
   assert res["similarity"] == saved["similarity"]
 
 
-# RepSim and the pmap backend from the same file are in the slow selection (and in the slow
-# weight matrix): the default one keeps the 8-device run from a torchvision file.
+# Slow (and in the slow weight matrix): the default selection reads this file through the
+# command line with RepSim on 2 devices, which fails on both symptoms of the bug.
 @pytest.mark.parametrize("method,devices,backend", [
-    ("full_ft", 8, "shard_map"),
+    pytest.param("full_ft", 8, "shard_map", marks=pytest.mark.slow),
     pytest.param("repsim", 8, "shard_map", marks=pytest.mark.slow),
     pytest.param("l2sp", 8, "pmap", marks=pytest.mark.slow)])
 def test_finetune_from_torchvision_safetensors(tmp_path, shared_dir, method, devices, backend):
@@ -61,11 +62,25 @@ PTH = os.path.join(REPO, "tests", "fixtures", "resnet_small_torchvision.pth")
 
 
 def test_finetune_from_a_pth_file_without_torch(tmp_path):
-  # RepSim: a method holding a pretrained copy (every method: the slow matrix below).
-  c = finetune_config(PTH, tmp_path, "repsim", model="resnet_small",
-                      **{"parallel.num_devices": 2})
+  # L2-SP: a method holding a pretrained copy (every method, 1 and 8 devices: the slow matrix).
+  c = finetune_config(PTH, tmp_path, "l2sp", model="resnet_small")
   wd = str(tmp_path / "run")
   _check(jobs.run(c, wd), wd)
+
+
+KERAS = os.path.join(REPO, "tests", "fixtures", "keras_resnet_tiny_notop.h5")
+KERAS_MODEL = {"model.kwargs": ml_collections.ConfigDict({"width": 8,
+                                                          "stage_sizes": (2, 1, 1, 1)})}
+
+
+def test_finetune_from_a_keras_h5(tmp_path):
+  # RadImageNet's layout (a headless Keras ResNet-50, here with tiny stages), read with h5py.
+  c = finetune_config(KERAS, tmp_path, "l2sp", model="resnet50_keras", **KERAS_MODEL)
+  wd = str(tmp_path / "run")
+  # The fixture's BatchNorm statistics are random, not the data's, so two train steps (each
+  # moving them a tenth of the way to the batch's) change the stem's output more than the
+  # torchvision weights' do.
+  _check(jobs.run(c, wd), wd, first=0.7)
 
 
 def test_finetune_from_safetensors_on_the_command_line(tmp_path, shared_dir):
@@ -106,6 +121,7 @@ def _sources(tmp_path):
   jobs.run(finetune_config(R18, tmp_path, "full_ft", **{"train.num_steps": 1}), rd)
   out["rundir"] = (rd, "resnet18", {})
   out["pth"] = (PTH, "resnet_small", {})  # written by torch.save, read without torch
+  out["keras"] = (KERAS, "resnet50_keras", KERAS_MODEL)  # written by Keras, read with h5py
   return out
 
 
@@ -137,7 +153,7 @@ def test_every_source_every_method_both_backends(tmp_path, shared_dir, request):
         try:
           res = jobs.run(c, wd)
           layers = list(res["similarity"]["linear_cka"])
-          _check(res, wd, layers)
+          _check(res, wd, layers, first=0.7 if src == "keras" else 0.9)
         except Exception as e:  # noqa: BLE001  (collect every failing combination)
           failures.append(f"{name}: {type(e).__name__}: {str(e)[:200]}")
   assert not failures, "\n".join(failures)
