@@ -9,6 +9,7 @@ from the step) is in the checkpoint, so re-running the same command resumes.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -253,9 +254,17 @@ def num_train_steps(cfg, train_size: int) -> int:
 
 
 def init_model_variables(model, cfg, image_shape, rng) -> dict:
-  dummy = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
-  variables = jax.jit(lambda r: model.init(r, dummy, train=False))(rng)
+  variables = _jitted_init(model, tuple(image_shape))(rng)
   return jax.tree.map(np.asarray, flax.core.unfreeze(variables))
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_init(model, image_shape: tuple[int, ...]):
+  # One compiled init per model and input shape in a process: the members of a population (and
+  # the runs of an inline study) differ only in the key, and compiling an init (its random
+  # draws) takes seconds on XLA:CPU.
+  dummy = jnp.zeros((1,) + image_shape, jnp.float32)
+  return jax.jit(lambda r: model.init(r, dummy, train=False))
 
 
 def load_init_variables(cfg, model_variables: dict) -> dict:
