@@ -14,7 +14,7 @@ import pytest
 import ml_collections
 
 from repsim_jax import checkpoint, config_lib, train
-from repsim_jax.studies import set_keys  # noqa: F401  (the tests' dotted-key override)
+from repsim_jax.config_lib import set_keys  # noqa: F401  (the tests' dotted-key override)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

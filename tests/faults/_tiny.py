@@ -3,6 +3,7 @@
 import os
 
 from repsim_jax import config_lib
+from repsim_jax.config_lib import set_keys
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FIXTURE = os.path.join(os.path.dirname(REPO), "shared", "fixtures")
@@ -29,16 +30,6 @@ def tiny_config(tmp_path, **overrides):
   c.train.tensorboard = False
   c.parallel.num_devices = 1
   set_keys(c, overrides)
-  return c
-
-
-def set_keys(c, overrides: dict):
-  for k, v in overrides.items():
-    node = c
-    *parents, leaf = k.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = v
   return c
 
 
