@@ -236,18 +236,8 @@ def test_study_end_to_end_and_a_rerun_trains_nothing(tmp_path, capsys):
 def test_image_folder_patients_stay_in_one_split_and_one_fold(tmp_path):
   """A CSV with a patient column: the random split and every fold keep a patient whole; the
   confounder wraps the lazily decoded images too."""
-  from PIL import Image
-  rng = np.random.default_rng(0)
-  rows = []
-  for i in range(60):
-    os.makedirs(tmp_path / "im", exist_ok=True)
-    Image.fromarray(rng.integers(0, 200, (20, 20), dtype=np.uint8)).save(tmp_path / "im" / f"{i}.png")
-    rows.append(f"im/{i}.png,{i % 2},p{i // 3}")
-  (tmp_path / "labels.csv").write_text("path,label,patient\n" + "\n".join(rows) + "\n")
-  cfg = config_lib.data_config()
-  cfg.source, cfg.root, cfg.csv, cfg.image_size, cfg.channels = (
-      "image_folder", str(tmp_path), "labels.csv", 16, 1)
-  cfg.val_fraction = cfg.test_fraction = 0.2
+  cfg = _csv_folder(tmp_path, 60, "patient", lambda i: f"p{i // 3}", side=20, image_size=16,
+                    fraction=0.2)
   splits, info = data.load_dataset(cfg)
   patients = {s: set(splits[s].groups) for s in splits}
   assert not (patients["train"] & patients["val"]) and not (patients["train"] & patients["test"])
@@ -266,20 +256,29 @@ def test_image_folder_patients_stay_in_one_split_and_one_fold(tmp_path):
   assert len(seen) == len(set(patients["train"]) | set(patients["val"]))
 
 
-def _attribute_folder(tmp_path, n=120):
-  """An image folder whose CSV has a `sex` column beside the label (seeded, balanced)."""
+def _csv_folder(tmp_path, n, column, value, side, image_size, fraction):
+  """A grayscale image folder of n random images, labels alternating, whose CSV has `column`
+  (value(i) for image i) beside the label; its data config."""
   from PIL import Image
-  rng = np.random.default_rng(1)
+  rng = np.random.default_rng(0)
   os.makedirs(tmp_path / "im", exist_ok=True)
   rows = []
   for i in range(n):
-    Image.fromarray(rng.integers(0, 200, (12, 12), dtype=np.uint8)).save(tmp_path / "im" / f"{i}.png")
-    rows.append(f"im/{i}.png,{i % 2},{'FM'[(i // 2) % 2]}")
-  (tmp_path / "labels.csv").write_text("path,label,sex\n" + "\n".join(rows) + "\n")
+    Image.fromarray(rng.integers(0, 200, (side, side), dtype=np.uint8)).save(
+        tmp_path / "im" / f"{i}.png")
+    rows.append(f"im/{i}.png,{i % 2},{value(i)}")
+  (tmp_path / "labels.csv").write_text(f"path,label,{column}\n" + "\n".join(rows) + "\n")
   cfg = config_lib.data_config()
   cfg.source, cfg.root, cfg.csv, cfg.image_size, cfg.channels = (
-      "image_folder", str(tmp_path), "labels.csv", 8, 1)
-  cfg.val_fraction = cfg.test_fraction = 0.25
+      "image_folder", str(tmp_path), "labels.csv", image_size, 1)
+  cfg.val_fraction = cfg.test_fraction = fraction
+  return cfg
+
+
+def _attribute_folder(tmp_path, n=120):
+  """An image folder whose CSV has a `sex` column beside the label (balanced)."""
+  cfg = _csv_folder(tmp_path, n, "sex", lambda i: "FM"[(i // 2) % 2], side=12, image_size=8,
+                    fraction=0.25)
   cfg.confounder.update(dict(kind="attribute", attribute="sex", group_a="F", p=0.8, seed=3))
   return cfg
 
