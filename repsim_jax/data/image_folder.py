@@ -181,6 +181,9 @@ def load_image_folder(root: str, *, csv: str = "", image_size: int = 224, channe
   if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
     raise ValueError(f"val_fraction/test_fraction: expected fractions summing below 1, got "
                      f"{val_fraction}/{test_fraction}")
+  if attribute_column and not csv:
+    raise ValueError(f"attribute_column={attribute_column!r}: needs a CSV (class folders carry no "
+                     "metadata)")
   where = root
   if csv:
     where, rows = _read_csv(root, csv, path_column, label_column, split_column, path_suffix,
@@ -194,9 +197,6 @@ def load_image_folder(root: str, *, csv: str = "", image_size: int = 224, channe
   else:
     classes = sorted(c for c in os.listdir(root) if os.path.isdir(os.path.join(root, c)))
     rows = [(p, c, None, None, None) for p, c in _class_folder_rows(root, classes)]
-  if attribute_column and not csv:
-    raise ValueError(f"attribute_column={attribute_column!r}: needs a CSV (class folders carry no "
-                     "metadata)")
   if not rows:
     raise ValueError(f"{where}: no images found")
   _check_images([r[0] for r in rows], where)
