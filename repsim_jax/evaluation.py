@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -25,6 +26,10 @@ def per_example_loss(logits, labels, task: str):
   if task == "multilabel":
     return optax.sigmoid_binary_cross_entropy(logits, labels.astype(jnp.float32)).mean(-1)
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+# Jitted: on host arrays op by op, each op of the loss would compile on first use.
+_host_loss = jax.jit(per_example_loss, static_argnames="task")
 
 
 def eval_loss(model, task, batch_stats, params, batch):
@@ -89,8 +94,7 @@ def task_metrics(logits, labels, task: str) -> dict:
   """`metrics.classification_metrics` plus the mean loss and the number of examples."""
   out = metrics_lib.classification_metrics(logits, labels, task)
   labels_for_loss = labels if task == "multilabel" else labels.astype(np.int32)
-  out["loss"] = float(np.mean(per_example_loss(jnp.asarray(logits), jnp.asarray(labels_for_loss),
-                                                task)))
+  out["loss"] = float(np.mean(_host_loss(logits, labels_for_loss, task)))
   out["num_examples"] = int(labels.shape[0])
   return out
 

@@ -254,17 +254,41 @@ def num_train_steps(cfg, train_size: int) -> int:
 
 
 def init_model_variables(model, cfg, image_shape, rng) -> dict:
-  variables = _jitted_init(model, tuple(image_shape))(rng)
-  return jax.tree.map(np.asarray, flax.core.unfreeze(variables))
+  """The model's initial variables, as NumPy. With `config.model.init` (pretrained weights,
+  `load_init_variables`) only the head is drawn, as the whole init draws it: the other leaves
+  are `jax.ShapeDtypeStruct`s, since the file replaces them."""
+  head_only = bool(cfg.model.init)
+  variables = flax.core.unfreeze(_jitted_init(model, tuple(image_shape), head_only)(rng))
+  return jax.tree.map(lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else np.asarray(x),
+                      variables)
 
 
 @functools.lru_cache(maxsize=16)
-def _jitted_init(model, image_shape: tuple[int, ...]):
+def _jitted_init(model, image_shape: tuple[int, ...], head_only: bool):
   # One compiled init per model and input shape in a process: the members of a population (and
   # the runs of an inline study) differ only in the key, and compiling an init (its random
-  # draws) takes seconds on XLA:CPU.
+  # draws) takes seconds on XLA:CPU. Head only: XLA drops the other leaves' draws, and the
+  # head's are the same operations as in the whole init.
   dummy = jnp.zeros((1,) + image_shape, jnp.float32)
-  return jax.jit(lambda r: model.init(r, dummy, train=False))
+  init = lambda r: flax.core.unfreeze(model.init(r, dummy, train=False))  # noqa: E731
+  if not head_only:
+    return jax.jit(init)
+  head = jax.jit(lambda r: init(r)["params"].get("head", {}))
+
+  def init_head(r):
+    shapes = jax.eval_shape(init, r)
+    if "head" in shapes["params"]:
+      shapes["params"]["head"] = head(r)
+    return shapes
+
+  return init_head
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_features(model):
+  # `model.apply` in eval mode as one program (per model, per process): run op by op it would
+  # compile each of its ops on first use, seconds on XLA:CPU.
+  return jax.jit(lambda variables, images: model.apply(variables, images, train=False))
 
 
 def load_init_variables(cfg, model_variables: dict) -> dict:
@@ -376,7 +400,7 @@ class _Run:
     # training stream (and hence resumption) is the same with or without them.
     init_iter = data.make_iters(cfg, splits, info, seed=cfg.seed + 1)[0]
     init_batches = [next(init_iter) for _ in range(cfg.method.get("init_batches", 1))]
-    method_params = method.init_params(method_rng, variables, init_batches, model.apply)
+    method_params = method.init_params(method_rng, variables, init_batches, _jitted_features(model))
     params = {"model": variables["params"], "method": method_params}
     objective_state = {}
     if objective:
@@ -385,13 +409,14 @@ class _Run:
                                    variables)[1]["pre_logits"].shape[-1]
       params["ssl"], objective_state = objective.init(jax.random.fold_in(method_rng, 1),
                                                       variables, feature_dim)
-    self.schedule = optimizers.learning_rate_schedule(cfg.optim, self.num_steps)
+    # (jitted: the host evaluates it to log the rate; op by op it would compile each op.)
+    self.schedule = jax.jit(optimizers.learning_rate_schedule(cfg.optim, self.num_steps))
     self.tx = make_tx(method, cfg, self.num_steps, params)
     keep_ref = (method.needs_reference or method.reference_forward
                 or cfg.analysis.in_step_similarity)
     self.state = TrainState(
         step=np.asarray(0, np.int32), params=params, batch_stats=variables["batch_stats"],
-        opt_state=jax.tree.map(np.asarray, self.tx.init(params)),
+        opt_state=jax.tree.map(np.asarray, jax.jit(self.tx.init)(params)),
         ref_variables=({"params": variables["params"], "batch_stats": variables["batch_stats"]}
                        if keep_ref else {}),
         nonfinite_step=np.asarray(-1, np.int32), skipped_steps=np.asarray(0, np.int32),

@@ -113,7 +113,7 @@ def test_covariance_mode_compares_the_rotated_covariance_with_the_pretrained_one
   m = methods.get_method(cfg)
   # init_params holds C_P = PᵀP of the normalised pretrained features of the init batches.
   init = m.init_params(None, None, [{"image": p[:20]}, {"image": p[20:]}],
-                       lambda v, x, train: (None, {"pre_logits": x}))
+                       lambda v, x: (None, {"pre_logits": x}))
   c_p = np.asarray(init[repsim.COV_KEY]["pre_logits"])
   np.testing.assert_allclose(c_p, _np_normalize(p).T @ _np_normalize(p), rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(init[repsim.Q_KEY]["pre_logits"], np.eye(6))

@@ -2,7 +2,8 @@
 
 A method is a loss term plus an optimiser transform. The trainer asks it for
   * `init_params(rng, variables, batches, apply_fn)`: extra trainable parameters (RepSim's Q),
-    stored under `params['method']` beside the model's `params['model']`;
+    stored under `params['method']` beside the model's `params['model']`; `apply_fn(variables,
+    images)` is the model in eval mode, `(logits, representations)`;
   * `loss(params, reps, ref_reps, ref_variables, step)`: a term added to the task loss, with
     metrics; it runs inside the jitted per-device step, where `parallel.AXIS` is bound;
   * `optimizer(make_tx, params)`: the optax transform (freezing, Stiefel leaves, phases);

@@ -68,7 +68,7 @@ class RepSim(Method):
     del rng
     if self.cfg.q_mode not in ("learned", "covariance"):
       return {}
-    feats = [apply_fn(variables, b["image"], train=False)[1] for b in batches]
+    feats = [apply_fn(variables, b["image"])[1] for b in batches]
     check_layers(self.cfg, feats[0])
     out = {Q_KEY: {}}
     for layer in self.weights:
@@ -77,7 +77,7 @@ class RepSim(Method):
       if self.cfg.q_init == "procrustes":
         # F = P at the start of fine-tuning (same weights), so the first-batch solution is ~I; it
         # differs when the head or BatchNorm mode differ, and for warm starts from other runs.
-        f = np.asarray(pool(apply_fn(variables, batches[0]["image"], train=False)[1][layer]))
+        f = np.asarray(pool(apply_fn(variables, batches[0]["image"])[1][layer]))
         out[Q_KEY][layer] = stiefel.procrustes_init(normalize(f), normalize(p[: len(f)]))
       elif self.cfg.q_init == "identity":
         out[Q_KEY][layer] = stiefel.identity_init(d, d)
