@@ -21,6 +21,13 @@ import pytest  # noqa: E402
 SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared"
 
 
+def pytest_xdist_auto_num_workers(config):
+  """`-n auto`: one worker per core, at most 4 (each holds a jax process of 8 simulated devices
+  and its compiled programs, a few GiB at peak)."""
+  del config
+  return max(1, min(4, len(os.sched_getaffinity(0))))
+
+
 @pytest.fixture
 def shared_dir():
   if not SHARED.is_dir():
