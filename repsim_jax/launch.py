@@ -8,6 +8,10 @@
   requeued (up to `max_requeues`) and resumes from its last checkpoint.
 - `debug`: submitit's in-process executor (the submitit code path, no processes), for tests.
 
+With `hosts_per_run` > 1 each task is one multi-host run: a SLURM job of that many nodes (one task
+per node), or that many processes of one local job, joined by `jax.distributed` with the
+coordinator on the job's first host (`distributed_from_job`).
+
 Every run is a `train.train_and_evaluate(cfg, run_dir)` in a directory named by its config
 identity, so a relaunch submits only what has no results.json (finished runs are read back),
 never repeats a finished run and never mixes two configs' results. The parent collects results
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import importlib.util
 import os
 import time
@@ -49,6 +54,9 @@ def launch_config() -> ml_collections.ConfigDict:
   c.mem_gb = 0                   # 0 = the partition's default
   c.array_parallelism = 64       # slurm: tasks of the array running at once
   c.max_requeues = 3             # slurm: requeues per task after preemption / time-out
+  c.hosts_per_run = 1            # > 1: each run is a jax.distributed run of this many processes
+                                 # (slurm: nodes, one task each; local: processes of one job)
+  c.coordinator_port = 0         # hosts_per_run > 1: 0 = derived from the job id
   c.poll_seconds = 5.0
   # > 1: runs that differ only in seed and population.SCALARS (seeds, lr / λ grids of one model
   # and data) train as populations of up to this many members, one program and one task each
@@ -89,12 +97,16 @@ class TrainTask:
   and, when SLURM preempts or times the task out, asks submitit to requeue the same call: the
   trainer resumes from the run's last checkpoint."""
 
-  def __init__(self, env: dict[str, str] | None = None):
-    self.env = dict(env or {})
+  def __init__(self, env: dict[str, str] | None = None, port: int = 0):
+    self.env, self.port = dict(env or {}), port
 
   def __call__(self, cfg, run_dir):
     """One run's results, or a population's list (`cfg` and `run_dir` lists)."""
     os.environ.update(self.env)
+    if not isinstance(cfg, list) and (joined := distributed_from_job(cfg, self.port)) is not cfg:
+      from repsim_jax import parallel  # pylint: disable=g-import-not-at-top
+      cfg = joined
+      parallel.initialize_distributed(cfg.parallel)
     if isinstance(cfg, list):
       from repsim_jax import population  # pylint: disable=g-import-not-at-top
       return [o.results for o in population.fit(cfg, run_dir)]
@@ -103,7 +115,28 @@ class TrainTask:
 
   def checkpoint(self, cfg, run_dir: str):
     import submitit  # pylint: disable=g-import-not-at-top
-    return submitit.helpers.DelayedSubmission(TrainTask(self.env), cfg, run_dir)
+    return submitit.helpers.DelayedSubmission(TrainTask(self.env, self.port), cfg, run_dir)
+
+
+def distributed_from_job(cfg, port: int = 0):
+  """`cfg` with this task's place in a multi-host run when the submitit job has several tasks
+  (`hosts_per_run` > 1): process id = the task's global rank, coordinator = the job's first host.
+  Every task derives the same port from the job id (or takes `port`, `launch.coordinator_port`),
+  so they need not talk first. Outside a submitit job, or in a job of one task, `cfg` itself."""
+  try:
+    import submitit  # pylint: disable=g-import-not-at-top
+    env = submitit.JobEnvironment()
+  except (ImportError, RuntimeError):  # not inside a submitit job
+    return cfg
+  if env.num_tasks <= 1:
+    return cfg
+  from repsim_jax import config_lib  # pylint: disable=g-import-not-at-top
+  port = port or (
+      20000 + int(hashlib.sha256(str(env.job_id).encode()).hexdigest(), 16) % 20000)
+  cfg = config_lib.set_keys(copy.deepcopy(cfg), {
+      "parallel.coordinator_address": f"{env.hostnames[0]}:{port}",
+      "parallel.num_processes": env.num_tasks, "parallel.process_id": env.global_rank})
+  return cfg
 
 
 def validate(launch) -> None:
@@ -111,6 +144,15 @@ def validate(launch) -> None:
     raise ValueError(f"config.launch.executor={launch.executor!r}: expected one of {EXECUTORS}")
   if launch.executor == "local" and int(launch.workers) < 1:
     raise ValueError(f"config.launch.workers={launch.workers}: expected >= 1")
+  hosts = int(launch.get("hosts_per_run", 1))
+  if hosts < 1:
+    raise ValueError(f"config.launch.hosts_per_run={hosts}: expected >= 1")
+  if hosts > 1 and launch.executor not in ("local", "slurm"):
+    raise ValueError(f"config.launch.hosts_per_run={hosts}: a multi-host run needs "
+                     f"config.launch.executor=local or slurm, not {launch.executor!r}")
+  if hosts > 1 and int(launch.get("population", 0)) > 1:
+    raise ValueError(f"config.launch.population={launch.population} with hosts_per_run={hosts}: "
+                     "populations train on one host; set one of them to 1")
   if launch.executor != "inline" and importlib.util.find_spec("submitit") is None:
     raise ValueError(f"config.launch.executor={launch.executor!r} needs submitit: pip install "
                      "'repsim_jax[cluster]'")
@@ -122,11 +164,13 @@ def _executor(launch, folder: str):
     return submitit.DebugExecutor(folder)
   if launch.executor == "local":
     ex = submitit.LocalExecutor(folder)
-    ex.update_parameters(timeout_min=int(launch.time_min))
+    ex.update_parameters(timeout_min=int(launch.time_min),
+                         tasks_per_node=int(launch.get("hosts_per_run", 1)))
     return ex
   ex = submitit.AutoExecutor(folder, cluster="slurm", slurm_max_num_timeout=int(launch.max_requeues))
   params = dict(timeout_min=int(launch.time_min), slurm_array_parallelism=int(launch.array_parallelism),
-                cpus_per_task=int(launch.cpus_per_task), tasks_per_node=1, nodes=1,
+                cpus_per_task=int(launch.cpus_per_task), tasks_per_node=1,
+                nodes=int(launch.get("hosts_per_run", 1)),
                 name="repsim_jax")
   if launch.gpus_per_task:
     params["gpus_per_node"] = int(launch.gpus_per_task)
@@ -225,14 +269,16 @@ def _submit_and_wait(tasks, todo, launch, folder, results, failed) -> None:
   if launch.executor == "slurm":
     ex = _executor(launch, folder)
     with ex.batch():  # one job array
-      jobs = [ex.submit(TrainTask(), tasks[i].cfg, tasks[i].run_dir) for i in pending]
+      jobs = [ex.submit(TrainTask(port=int(launch.get("coordinator_port", 0))), tasks[i].cfg,
+                        tasks[i].run_dir) for i in pending]
     running, pending = dict(zip(pending, jobs)), []
   last = None
   while pending or running:
     while pending and free:  # local: one worker per slot, each with its own devices
       i, slot = pending.pop(0), free.pop(0)
       ex = _executor(launch, os.path.join(folder, f"worker{slot}"))
-      running[i] = ex.submit(TrainTask(worker_env(slot, launch)), tasks[i].cfg, tasks[i].run_dir)
+      task = TrainTask(worker_env(slot, launch), int(launch.get("coordinator_port", 0)))
+      running[i] = ex.submit(task, tasks[i].cfg, tasks[i].run_dir)
       slot_of[i] = slot
     for i, job in list(running.items()):
       if not job.done():
@@ -241,7 +287,7 @@ def _submit_and_wait(tasks, todo, launch, folder, results, failed) -> None:
       if i in slot_of:
         free.append(slot_of.pop(i))
       try:
-        results[i] = job.result()
+        results[i] = job.results()[0]  # a multi-host job: process 0's
       except Exception as e:  # pylint: disable=broad-except
         failed[i] = _failure(job, e)
         print(f"launch: failed {tasks[i].name or tasks[i].run_dir}: {failed[i]}", flush=True)

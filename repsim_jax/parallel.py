@@ -37,6 +37,9 @@ def initialize_distributed(cfg) -> None:
       process_id=cfg.process_id,
       heartbeat_timeout_seconds=int(cfg.get("heartbeat_timeout_seconds", 30)),
   )
+  # Each host's log says which part of the run it is (a SLURM job's task logs look alike).
+  print(f"jax.distributed: process {jax.process_index()} of {jax.process_count()}, "
+        f"{jax.local_device_count()} of {jax.device_count()} devices", flush=True)
 
 
 class DataParallel:

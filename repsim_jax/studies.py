@@ -91,7 +91,7 @@ set_keys = config_lib.set_keys  # (where studies have always found it)
 
 LAUNCH_FLAGS = {"executor": str, "workers": int, "devices_per_worker": int, "partition": str,
                 "time_min": int, "gpus_per_task": int, "array_parallelism": int,
-                "population": int}
+                "population": int, "hosts_per_run": int}
 
 
 def parse_settings(doc: str, settings: Mapping[str, dict], argv=None) -> tuple[str, dict]:

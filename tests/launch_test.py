@@ -33,6 +33,34 @@ def test_worker_env_slices_devices_or_shares_memory():
                     "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.225"}
   with pytest.raises(ValueError, match=r"config.launch.executor='pbs'"):
     launch.validate(_launch("pbs"))
+  with pytest.raises(ValueError, match=r"config.launch.hosts_per_run=2: .* not 'debug'"):
+    launch.validate(_launch("debug", hosts_per_run=2))
+  with pytest.raises(ValueError, match=r"config.launch.population=4 with hosts_per_run=2"):
+    launch.validate(_launch("slurm", hosts_per_run=2, population=4))
+
+
+def test_each_task_of_a_multi_host_job_takes_its_place(tmp_path, monkeypatch):
+  """In a submitit job of 2 tasks (the local executor's environment variables), task r is
+  process r of 2, and both name the same coordinator; outside a job the config is unchanged."""
+  import socket
+  cfg = tiny_config(tmp_path)
+  assert launch.distributed_from_job(cfg) is cfg
+  monkeypatch.setenv("SUBMITIT_EXECUTOR", "local")
+  monkeypatch.setenv("SUBMITIT_LOCAL_JOB_ID", "4242")
+  monkeypatch.setenv("SUBMITIT_LOCAL_NTASKS", "2")
+  monkeypatch.setenv("SUBMITIT_LOCAL_LOCALID", "0")
+  places = []
+  for rank in (0, 1):
+    monkeypatch.setenv("SUBMITIT_LOCAL_GLOBALID", str(rank))
+    places.append(launch.distributed_from_job(cfg).parallel)
+  assert [p.process_id for p in places] == [0, 1]
+  assert [p.num_processes for p in places] == [2, 2]
+  address = places[0].coordinator_address
+  assert address == places[1].coordinator_address and address.startswith(socket.gethostname())
+  assert launch.distributed_from_job(cfg, port=1234).parallel.coordinator_address.endswith(":1234")
+  assert cfg.parallel.num_processes == 1  # the task's copy changed, not the plan's config
+  monkeypatch.setenv("SUBMITIT_LOCAL_NTASKS", "1")
+  assert launch.distributed_from_job(cfg) is cfg
 
 
 def test_debug_executor_equals_inline(tmp_path):
@@ -86,3 +114,26 @@ def test_population_groups_runs_that_differ_in_seed_and_scalars(tmp_path):
   solo = studies.execute(str(tmp_path / "solo"), plan[:1])
   assert abs(solo[0]["final"]["val"]["loss"] - pop[0]["final"]["val"]["loss"]) <= 1e-4 * abs(
       solo[0]["final"]["val"]["loss"])
+
+
+@pytest.mark.slow
+def test_a_local_job_of_two_processes_is_one_multi_host_run(tmp_path):
+  """hosts_per_run=2: one local submitit job of two processes, 4 simulated devices each, joined
+  by jax.distributed, trains what one process on 8 devices trains."""
+  import glob
+  from repsim_jax import checkpoint, train
+  from train_test import STABLE_LR, max_rel_err
+  cfg = tiny_config(tmp_path, **{"parallel.num_devices": -1, "train.num_steps": 6,
+                                 "optim.lr": STABLE_LR, "train.eval_splits": ("test",)})
+  single = train.fit(cfg, str(tmp_path / "single"))
+  c = _launch("local", workers=1, devices_per_worker=4, hosts_per_run=2)
+  [multi] = launch.run_all([launch.Task(cfg, str(tmp_path / "multi"))], c,
+                           folder=str(tmp_path / "launch"))
+  for rank in (0, 1):
+    [log] = glob.glob(str(tmp_path / "launch" / "worker0" / f"*_{rank}_log.out"))
+    assert f"jax.distributed: process {rank} of 2, 4 of 8 devices" in open(log).read()
+  params = checkpoint.load_run_variables(str(tmp_path / "multi"))["params"]
+  assert max_rel_err(params, single.state.params["model"]) <= 1e-5
+  assert multi["final"]["test"]["num_examples"] == 64
+  assert multi["final"]["test"]["accuracy"] == pytest.approx(
+      single.results["final"]["test"]["accuracy"], abs=1 / 64 + 1e-9)
