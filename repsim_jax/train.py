@@ -744,8 +744,9 @@ def validate(cfg) -> None:
     raise ValueError("config.train.num_steps / num_epochs: one of them must be positive")
   if (cfg.parallel.backend == "pmap" and cfg.method.name == "repsim"
       and cfg.method.q_mode == "covariance" and jax.default_backend() == "cpu"):
-    # An XLA:CPU crash (segfault / heap corruption in the first step, 2 or 8 devices, any
-    # ResNet), not a wrong number: refused up front. shard_map runs the same step.
+    # An XLA:CPU crash, not a wrong number: with 8 devices the first step segfaults inside
+    # XLA's in-process all-reduce (InProcessCommunicator::AllReduce, jaxlib 0.10.2), with or
+    # without donation; refused up front. shard_map runs the same step.
     raise ValueError("config.parallel.backend='pmap' with config.method.q_mode='covariance' "
                      "crashes XLA:CPU; use config.parallel.backend=shard_map (the default)")
   sharpness.check_config(cfg.analysis.sharpness, "config.analysis.sharpness")
