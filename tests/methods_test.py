@@ -378,3 +378,22 @@ def test_every_method_trains_on_8_devices_like_on_one(tmp_path, pretrained, name
   assert max_rel_err(finals[1].params, finals[0].params) <= 5e-4
   before = load_run_variables(pretrained)["params"]
   assert max_rel_err(finals[0].params["model"], before) > 1e-3  # it trained
+
+
+def test_bss_gradient_equals_autodiff_of_the_svd_and_batches_per_member():
+  """The written-out gradient of Σ of the k smallest σ² equals jax's SVD autodiff, alone and under
+  vmap (a population's members)."""
+  from repsim_jax.methods import baselines
+  rng = np.random.default_rng(8)
+  fs = rng.normal(size=(3, 24, 6)).astype(np.float32)
+  for k in (1, 3):
+    def auto(f):
+      return jnp.sum(jnp.linalg.svd(f, compute_uv=False)[-k:] ** 2)
+    ours = lambda f: baselines.smallest_singular_energy(f, k)[0]  # noqa: E731
+    for f in fs:
+      assert float(ours(f)) == pytest.approx(float(auto(f)), rel=1e-5)
+      np.testing.assert_allclose(jax.grad(ours)(f), jax.grad(auto)(f), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(jax.vmap(jax.grad(ours))(fs), jax.vmap(jax.grad(auto))(fs),
+                               rtol=1e-4, atol=1e-5)
+    smallest = jax.vmap(lambda f: baselines.smallest_singular_energy(f, k)[1])(fs)
+    np.testing.assert_allclose(smallest, np.linalg.svd(fs, compute_uv=False)[:, -1], rtol=1e-5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 
 import jax
@@ -110,10 +111,33 @@ class BSS(Method):
 
   def loss(self, params, reps, ref_reps, ref_variables, step):
     f = gather(pool(reps["pre_logits"]))
-    s = jnp.linalg.svd(f, compute_uv=False)  # descending
-    k = self.cfg.bss_k
-    term = jnp.sum(s[-k:] ** 2)
-    return lam_at(self.cfg, step) * term, {"bss/smallest_sv": jax.lax.stop_gradient(s[-1])}
+    term, smallest = smallest_singular_energy(f, self.cfg.bss_k)
+    return lam_at(self.cfg, step) * term, {"bss/smallest_sv": jax.lax.stop_gradient(smallest)}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def smallest_singular_energy(f, k: int):
+  """(Σ of the k smallest σᵢ² of f, the smallest σ). Its gradient is d Σσᵢ² = 2 Σ σᵢ uᵢ vᵢᵀ, the
+  rule autodiff derives for the SVD, written out so the SVD runs one matrix at a time under vmap
+  (population members): a batched LAPACK SVD on several XLA:CPU devices at once can deadlock in
+  jaxlib's batch thread pool (see repsim._one_at_a_time). Only the first output has a gradient."""
+  return _smallest_singular_fwd(f, k)[0]
+
+
+def _smallest_singular_fwd(f, k):
+  u, s, vt = jax.custom_batching.sequential_vmap(
+      lambda a: jnp.linalg.svd(a, full_matrices=False))(f)  # descending
+  u, s, vt = u[:, -k:], s[-k:], vt[-k:]
+  return (jnp.sum(s ** 2), s[-1]), (u, s, vt)
+
+
+def _smallest_singular_bwd(k, res, cts):
+  del k
+  u, s, vt = res
+  return (2.0 * cts[0] * (u * s) @ vt,)
+
+
+smallest_singular_energy.defvjp(_smallest_singular_fwd, _smallest_singular_bwd)
 
 
 class SAM(Method):
