@@ -10,15 +10,27 @@ import pathlib
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 # Many tests (and the subprocesses of the resume / multi-process tests) compile the same tiny
 # training step; a session-wide persistent compilation cache compiles each program once.
+_CACHE_MADE = None  # removed when the session that made it ends (workers inherit the variable)
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   import tempfile
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="repsim_jax_xla_cache_")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE_MADE = tempfile.mkdtemp(
+      prefix="repsim_jax_xla_cache_")
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+  # A size limit turns on jax's file lock around cache reads and writes (filelock): without it a
+  # process (another test worker, a test's subprocess) can read an entry another is still writing.
+  os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(8 << 30)
 
 import pytest  # noqa: E402
 
 SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared"
+
+
+def pytest_unconfigure(config):
+  del config
+  if _CACHE_MADE:
+    import shutil
+    shutil.rmtree(_CACHE_MADE, ignore_errors=True)
 
 
 def pytest_xdist_auto_num_workers(config):
