@@ -33,6 +33,7 @@ import ml_collections
 import numpy as np
 
 from repsim_jax import checkpoint as ckpt_lib, config_lib, cpu, io, progress as progress_lib, runs, train
+from repsim_jax.cpu import conv
 
 # The config keys (besides `seed`) population members may differ in: each enters the step as a
 # per-member value.
@@ -176,8 +177,9 @@ def _population_step(lead, varying, logged: bool):
     return fns[1 if logged else 0](state, batch, rng)
 
   def step(pstate, batch, rng):
-    new, metrics = jax.vmap(member_step, in_axes=(0, _AXES, 1, 0), out_axes=(_AXES, 0))(
-        pstate["hp"], pstate["members"], batch, rng)
+    with conv.member_batched():  # (at trace time)
+      new, metrics = jax.vmap(member_step, in_axes=(0, _AXES, 1, 0), out_axes=(_AXES, 0))(
+          pstate["hp"], pstate["members"], batch, rng)
     return {"hp": pstate["hp"], "members": new}, metrics
 
   return step

@@ -15,15 +15,18 @@ unchanged):
   a (32, 28, 28, 128) activation at 224 px, where transposing the stored activation takes 3 ms.
   Strided ones take their input gradient as stride-1 convolutions, one per stride phase of the
   input (`_polyphase_input_grad`), not as XLA's convolution of a zero-dilated output gradient.
-- Under `jax.vmap` with a batched kernel (population training: one model per member), one
-  convolution per member in the same program (`_unrolled_vmap`). JAX's own batching rule makes
-  a grouped convolution (its weight gradient is XLA:CPU's slowest path) and a batched dot for the
-  1x1 and im2col forms, both several times slower than the members' convolutions side by side.
-  Unbatched, the same operations run as before.
+- Traced inside `member_batched()` (population training's vmap over members, each with its own
+  kernel), one convolution per member in the same program (`_unrolled_vmap`). JAX's own batching
+  rule makes a grouped convolution (its weight gradient is XLA:CPU's slowest path) and a batched
+  dot for the 1x1 and im2col forms, both several times slower than the members' convolutions side
+  by side. That form has reverse-mode derivatives only (a custom_vjp), so it is used only there:
+  elsewhere forward mode (Hessian-vector products) works as with any JAX function.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 
 import jax
@@ -34,6 +37,17 @@ from repsim_jax.cpu import phases
 
 SMALL_OUTPUT = 16  # output H·W at or below which CPU uses im2col
 _NHWC = ("NHWC", "HWIO", "NHWC")
+_MEMBERS = contextvars.ContextVar("member_batched", default=False)
+
+
+@contextlib.contextmanager
+def member_batched():
+  """While tracing a `vmap` over population members: their convolutions run one per member."""
+  token = _MEMBERS.set(True)
+  try:
+    yield
+  finally:
+    _MEMBERS.reset(token)
 
 
 def _materialized(x: jax.Array) -> jax.Array:
@@ -71,7 +85,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
                                     **kw)
   if isinstance(padding, str):
     padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
-  return _member_conv(lhs, rhs, tuple(window_strides), tuple(map(tuple, padding)), precision)
+  conv = _member_conv if _MEMBERS.get() else _cpu_conv
+  return conv(lhs, rhs, tuple(window_strides), tuple(map(tuple, padding)), precision)
 
 
 def _unrolled_vmap(f):
