@@ -3,13 +3,16 @@
   python experiments/baselines.py --workdir=runs/study_baselines [--setting=small|full]
       [--methods=full_ft,linear_probe,lp_ft,l2sp,delta,bss,sam,asam,repsim]
       [--targets=medical_gray,medical_rgb] [--seeds=0,1,2] [--finetune_steps=N] [--data_dir=DIR]
+      [--strengths='delta.alpha=0.0001,0.001,0.01;bss.lam=0.001,0.01,1']
 
 Every method fine-tunes the same pretrained model on every target for every seed. Per run:
 test accuracy, balanced accuracy and AUC; linear CKA of every layer to the pretrained model (test
 split); and at the end SAM sharpness (ρ = 0.05) and the Hessian's top eigenvalue on a fixed probe
 set of val batches (BatchNorm in eval mode). The report gives each method's relative change against
 full fine-tuning on the same target (mean over seeds), as the paper reports it (+30% similarity,
--42% sharpness for RepSim). `small`: the default run's source (synthetic natural, pretrained
+-42% sharpness for RepSim). `--strengths` gives methods a grid of one method key each: such a
+method trains once per value (every seed), and per target the value with the best seed-mean val
+accuracy is the one reported (`strengths.csv` lists every candidate). `small`: the default run's source (synthetic natural, pretrained
 here once) and two synthetic targets, 2 seeds, about 16 minutes on 2 CPU cores
 (`--seeds=0,1,2`: about 25). `full`: five MedMNIST sets
 at 224 px (download `<name>_224.npz` into --data_dir) from ImageNet ResNet-50 weights (`python -m
@@ -24,6 +27,7 @@ cka_by_layer.png, report.md.
 from __future__ import annotations
 
 import copy
+import itertools
 import os
 import sys
 
@@ -40,11 +44,11 @@ SYNTHETIC = ("natural", "medical_gray", "medical_rgb")
 SETTINGS = {
     "small": dict(source="pretrain", targets="medical_gray,medical_rgb", methods=METHODS,
                   seeds="0,1", model="resnet_small", size=32, pretrain_steps=1000,
-                  finetune_steps=300, batch=64, lam=0.3, data_dir=""),
+                  finetune_steps=300, batch=64, lam=0.3, data_dir="", strengths=""),
     "full": dict(source="weights/r50.safetensors",
                  targets="pathmnist,dermamnist,bloodmnist,breastmnist,pneumoniamnist",
                  methods=METHODS, seeds="0,1,2", model="resnet50", size=224, pretrain_steps=0,
-                 finetune_steps=3000, batch=64, lam=0.3, data_dir="data"),
+                 finetune_steps=3000, batch=64, lam=0.3, data_dir="data", strengths=""),
 }
 # Per-run metrics: final test metrics, then the end-of-run sharpness on the probe set.
 TEST = ("accuracy", "balanced_accuracy", "auc")
@@ -74,20 +78,42 @@ def target_data(f, target: str, size: int):
   return d
 
 
+def strength_grid(spec: str, repsim) -> dict[str, tuple[str, list[float]]]:
+  """`delta.alpha=0.0001,0.001;bss.lam=0.01,1` -> {"delta": ("alpha", [1e-4, 1e-3]), ...}."""
+  out = {}
+  for part in filter(None, (p.strip() for p in spec.split(";"))):
+    lhs, _, values = part.partition("=")
+    name, _, key = lhs.partition(".")
+    if name not in METHODS.split(",") or not key or not values:
+      raise ValueError(f"--strengths: {part!r}: expected <method>.<key>=v1,v2,... with a method "
+                       f"of {METHODS}")
+    if key not in method(name, repsim):
+      raise ValueError(f"--strengths: {part!r}: config.method has no key {key!r}")
+    try:
+      out[name] = (key, [float(v) for v in values.split(",")])
+    except ValueError:
+      raise ValueError(f"--strengths: {part!r}: the values must be numbers") from None
+  return out
+
+
 def plan(workdir: str, s: dict) -> list[studies.Run]:
   pre, f, repsim = base_configs(s)
+  grid = strength_grid(s.get("strengths", ""), repsim)
   init = s["source"]
   if init == "pretrain":
     init = studies.sources(workdir, {"natural": pre}, s.get("launch"))["natural"]
   out = []
   for target in studies.csv_list(s["targets"]):
     for name in studies.csv_list(s["methods"]):
-      for seed in studies.csv_list(s["seeds"], int):
+      key, values = grid.get(name, (None, [None]))
+      for value, seed in itertools.product(values, studies.csv_list(s["seeds"], int)):
         c = copy.deepcopy(f)
         c.seed = seed
         c.data = target_data(f, target, s["size"])
         c.model.init = init
         c.method = method(name, repsim)
+        if key:
+          c.method[key] = type(c.method[key])(value)
         # Sharpness once, at the end, on the first val batches (a fixed probe set).
         c.analysis.sharpness_every = c.train.num_steps
         c.analysis.sharpness.measures = "sam,hessian_eig"
@@ -95,13 +121,31 @@ def plan(workdir: str, s: dict) -> list[studies.Run]:
         c.analysis.in_step_sharpness = "sam"
         c.train.log_every = max(1, c.train.num_steps // 10)
         c.train.eval_splits = ("val", "test")
-        out.append(studies.Run(c, {"target": target, "method": name, "seed": seed}))
+        # The strength column only in studies with a grid (run names stay those of earlier runs).
+        strength = {"strength": f"{key}={value:g}" if key else "default"} if grid else {}
+        out.append(studies.Run(c, {"target": target, "method": name, **strength, "seed": seed}))
   return out
+
+
+def select_strengths(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+  """(the runs of each (target, method)'s best strength by seed-mean val accuracy, every
+  candidate's seed-mean val accuracy with `selected`). Without a strength column: (df, empty)."""
+  if "strength" not in df:
+    return df, pd.DataFrame()
+  cand = (df.groupby(["target", "method", "strength"], sort=False).val_accuracy
+          .agg(["mean", "count"]).reset_index()
+          .rename(columns={"mean": "val_accuracy_mean", "count": "n"}))
+  best = cand.loc[cand.groupby(["target", "method"], sort=False).val_accuracy_mean.idxmax()]
+  chosen = set(zip(best.target, best.method, best.strength))
+  cand["selected"] = [k in chosen for k in zip(cand.target, cand.method, cand.strength)]
+  cand.insert(3, "value", [float(s.split("=")[1]) if "=" in s else np.nan for s in cand.strength])
+  keep = [k in chosen for k in zip(df.target, df.method, df.strength)]
+  return df[keep].reset_index(drop=True), cand
 
 
 def row(run: studies.Run, res: dict) -> dict:
   test = res["final"]["test"]
-  out = {**run.key, **{k: test[k] for k in TEST}}
+  out = {**run.key, **{k: test[k] for k in TEST}, "val_accuracy": res["final"]["val"]["accuracy"]}
   out.update({f"cka_{k}": v for k, v in res["similarity"]["linear_cka"].items()})
   out.update({k: res["final"]["sharpness"][k] for k in SHARP})
   out["run"] = res["run_dir"]
@@ -162,7 +206,12 @@ def across_targets(rel: pd.DataFrame) -> pd.DataFrame:
   return rel.groupby("method", sort=False).mean(numeric_only=True).reset_index()
 
 
-def write_outputs(df: pd.DataFrame, workdir: str, curves: pd.DataFrame | None = None) -> None:
+def write_outputs(all_runs: pd.DataFrame, workdir: str, curves: pd.DataFrame | None = None) -> None:
+  """Tables, plots and report of the runs; with a strength grid, of each method's chosen one
+  (results.csv keeps every run)."""
+  df, candidates = select_strengths(all_runs)
+  if curves is not None and not candidates.empty:
+    curves = curves.merge(df[["target", "method", "strength", "seed"]])
   summary, rel = summarise(df), relative(df)
   overall = across_targets(rel)
   n_seeds, targets = df.seed.nunique(), list(dict.fromkeys(df.target))
@@ -182,6 +231,15 @@ def write_outputs(df: pd.DataFrame, workdir: str, curves: pd.DataFrame | None = 
               + (" (sharpness is lower)" if -42 < r.sam_sharpness_change_pct < 0 else "") + ".",
               f"- Hessian top eigenvalue: {r.hessian_top_eigenvalue_change_pct:+.1f}%.",
               f"- Accuracy: {r.accuracy_points:+.2f} points against full fine-tuning.", ""]
+  if not candidates.empty:
+    lines += ["## Strengths chosen on validation accuracy", "",
+              "Each gridded method's strength with the best seed-mean val accuracy per target is "
+              "the one in every table and plot below (`strengths.csv`).", ""]
+    shown = candidates.assign(selected=candidates.selected.map({True: "yes", False: ""}))
+    lines += studies.markdown_table(shown, {
+        "target": "target", "method": "method", "strength": "strength",
+        "val_accuracy_mean": "val accuracy (seed mean)", "n": "seeds", "selected": "chosen"},
+        digits=4) + [""]
   lines += ["## Change against full fine-tuning (mean over targets)", "",
             "Relative change of the seed-mean in % (CKA, sharpness); test metrics in points.",
             ""]
@@ -201,7 +259,9 @@ def write_outputs(df: pd.DataFrame, workdir: str, curves: pd.DataFrame | None = 
             "`metrics.png`, `cka_by_layer.png`" + (", `sharpness_over_training.png` (in-step "
                                                    "SAM sharpness: `sharpness_curves.csv`)"
                                                    if curves is not None else "") + "."]
-  tables = {"results": df, "summary": summary, "relative": rel, "relative_mean": overall}
+  tables = {"results": all_runs, "summary": summary, "relative": rel, "relative_mean": overall}
+  if not candidates.empty:
+    tables["strengths"] = candidates
   figures = {"metrics.png": lambda p: plot_metrics(df, p),
              "cka_by_layer.png": lambda p: plot_cka(df, p)}
   if curves is not None:

@@ -119,6 +119,45 @@ def test_baselines_report(tmp_path):
   assert (tmp_path / "metrics.png").stat().st_size > 10_000
 
 
+def test_baselines_report_keeps_each_methods_strength_with_the_best_val_accuracy(tmp_path):
+  """With a strength grid, every table and plot shows the strength whose seed-mean val accuracy
+  is highest per target; results.csv keeps every run, strengths.csv every candidate."""
+  mod = study("baselines")
+  rng = np.random.default_rng(2)
+  rows = []
+  for t in ("a", "b"):
+    for m, strengths in (("full_ft", ["default"]), ("delta", ["alpha=0.001", "alpha=0.01"]),
+                         ("repsim", ["default"])):
+      for st in strengths:
+        for s in range(2):
+          # delta's val accuracy is highest at alpha=0.001 on a, at alpha=0.01 on b
+          good = (t == "a") == (st == "alpha=0.001")
+          rows.append({"target": t, "method": m, "strength": st, "seed": s,
+                       "accuracy": 0.9 if good else 0.3, "val_accuracy": 0.8 if good else 0.4,
+                       "balanced_accuracy": 0.5, "auc": rng.uniform(0.6, 0.9),
+                       "cka_stem": 0.9, "cka_pre_logits": rng.uniform(0.2, 0.9),
+                       "sam_sharpness": rng.uniform(0.05, 0.3),
+                       "hessian_top_eigenvalue": rng.uniform(10, 90), "run": "x"})
+  df = pd.DataFrame(rows)
+  mod.write_outputs(df, str(tmp_path))
+  report = assert_report_tables_match_csvs(str(tmp_path))
+  assert "## Strengths chosen on validation accuracy" in report
+  cand = pd.read_csv(tmp_path / "strengths.csv")
+  chosen = cand[cand.selected & (cand.method == "delta")].set_index("target").strength
+  assert dict(chosen) == {"a": "alpha=0.001", "b": "alpha=0.01"}
+  summary = pd.read_csv(tmp_path / "summary.csv").set_index(["target", "method"])
+  assert summary.loc[("a", "delta"), "accuracy_mean"] == pytest.approx(0.9)
+  assert summary.loc[("b", "delta"), "accuracy_count"] == 2  # the chosen strength's seeds only
+  assert len(pd.read_csv(tmp_path / "results.csv")) == len(df)
+  repsim = config_lib.method_config("repsim")
+  assert mod.strength_grid("delta.alpha=0.001,0.01;bss.lam=1", repsim) == {
+      "delta": ("alpha", [0.001, 0.01]), "bss": ("lam", [1.0])}
+  for bad, says in (("dleta.alpha=1", "expected <method>.<key>"), ("delta.alpah=1", "no key 'alpah'"),
+                    ("delta.alpha=x", "must be numbers")):
+    with pytest.raises(ValueError, match=says):
+      mod.strength_grid(bad, repsim)
+
+
 def _trajectory_rows():
   rng = np.random.default_rng(1)
   rows = []
@@ -254,12 +293,15 @@ def _end_to_end(name, workdir, capsys, **setting):
 @pytest.mark.slow
 def test_baselines_end_to_end(tmp_path, capsys):
   _end_to_end("baselines", tmp_path, capsys, targets="medical_gray",
-              methods="full_ft,linear_probe,repsim", seeds="0,1")
+              methods="full_ft,linear_probe,repsim", seeds="0,1", strengths="repsim.lam=0.3,3")
   df = pd.read_csv(tmp_path / "results.csv")
+  assert sorted(set(df[df.method == "repsim"].strength)) == ["lam=0.3", "lam=3"]
+  assert len(pd.read_csv(tmp_path / "summary.csv")) == 3  # one strength per method reported
   lp = df[df.method == "linear_probe"]
   assert np.allclose(lp.cka_stem, 1.0, atol=1e-5)  # a frozen backbone keeps its representation
   curves = pd.read_csv(tmp_path / "sharpness_curves.csv")
-  assert len(curves) == len(df) * 10 and (curves.sam_sharpness > 0).all()  # every 2 of 20 steps
+  assert len(curves) == (len(df) - 2) * 10 and (curves.sam_sharpness > 0).all()  # every 2 of 20
+  # steps, of the reported runs (one of repsim's two strengths)
   assert (tmp_path / "sharpness_over_training.png").stat().st_size > 10_000
 
 
