@@ -123,10 +123,14 @@ def distributed_from_job(cfg, port: int = 0):
   (`hosts_per_run` > 1): process id = the task's global rank, coordinator = the job's first host.
   Every task derives the same port from the job id (or takes `port`, `launch.coordinator_port`),
   so they need not talk first. Outside a submitit job, or in a job of one task, `cfg` itself."""
+  # Only inside a submitit job (which sets this variable): importing submitit elsewhere would
+  # reconfigure logging, and absl's handler closes its stream, sys.stderr, when it is replaced.
+  if not os.environ.get("SUBMITIT_EXECUTOR"):
+    return cfg
   try:
     import submitit  # pylint: disable=g-import-not-at-top
     env = submitit.JobEnvironment()
-  except (ImportError, RuntimeError):  # not inside a submitit job
+  except (ImportError, RuntimeError):
     return cfg
   if env.num_tasks <= 1:
     return cfg

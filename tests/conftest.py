@@ -33,6 +33,7 @@ def pytest_unconfigure(config):
     shutil.rmtree(_CACHE_MADE, ignore_errors=True)
 
 
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: `-p no:xdist` runs without it
 def pytest_xdist_auto_num_workers(config):
   """`-n auto`: one worker per core, at most 4 (each holds a jax process of 8 simulated devices
   and its compiled programs, a few GiB at peak)."""

@@ -43,8 +43,16 @@ def test_each_task_of_a_multi_host_job_takes_its_place(tmp_path, monkeypatch):
   """In a submitit job of 2 tasks (the local executor's environment variables), task r is
   process r of 2, and both name the same coordinator; outside a job the config is unchanged."""
   import socket
+  import subprocess
+  import sys
   cfg = tiny_config(tmp_path)
   assert launch.distributed_from_job(cfg) is cfg
+  # Outside a job submitit is not imported: its logging set-up closes absl's stream, sys.stderr.
+  probe = ("import sys; from repsim_jax import config_lib, launch; "
+           "launch.distributed_from_job(config_lib.train_config()); "
+           "assert 'submitit' not in sys.modules")
+  env = {k: v for k, v in os.environ.items() if not k.startswith("SUBMITIT")}
+  assert subprocess.run([sys.executable, "-c", probe], env=env).returncode == 0
   monkeypatch.setenv("SUBMITIT_EXECUTOR", "local")
   monkeypatch.setenv("SUBMITIT_LOCAL_JOB_ID", "4242")
   monkeypatch.setenv("SUBMITIT_LOCAL_NTASKS", "2")
