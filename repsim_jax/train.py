@@ -274,12 +274,13 @@ def _jitted_init(model, image_shape: tuple[int, ...], head_only: bool):
   if not head_only:
     return jax.jit(init)
   head = jax.jit(lambda r: init(r)["params"].get("head", {}))
+  shapes = jax.eval_shape(init, jax.random.PRNGKey(0))
 
   def init_head(r):
-    shapes = jax.eval_shape(init, r)
-    if "head" in shapes["params"]:
-      shapes["params"]["head"] = head(r)
-    return shapes
+    out = jax.tree.map(lambda s: s, shapes)  # fresh containers: callers add to them
+    if "head" in out["params"]:
+      out["params"]["head"] = head(r)
+    return out
 
   return init_head
 
