@@ -17,9 +17,11 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
       prefix="repsim_jax_xla_cache_")
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
-  # A size limit turns on jax's file lock around cache reads and writes (filelock): without it a
-  # process (another test worker, a test's subprocess) can read an entry another is still writing.
-  os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(8 << 30)
+elif os.environ.get("PYTEST_XDIST_WORKER"):
+  # Each worker its own directory (under the session's): jax reads and writes entries without a
+  # lock, and its lock (a cache size limit) rescans the whole cache at every write.
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(
+      os.environ["JAX_COMPILATION_CACHE_DIR"], os.environ["PYTEST_XDIST_WORKER"])
 
 import pytest  # noqa: E402
 
