@@ -90,10 +90,10 @@ class DataParallel:
       on_cpu = self.devices[0].platform == "cpu"
       return jax.jit(mapped, donate_argnums=(0,) if donate_state else (),
                      compiler_options=cpu.compiler_options() if on_cpu else None)
-    # jax.pmap takes no compiler options: on CPU it keeps XLA's default (slower) convolutions.
-    return jax.pmap(fn, axis_name=AXIS, devices=self.local_devices if jax.process_count() == 1
-                    else None, donate_argnums=(0,) if donate_state else (),
-                    in_axes=(0, 0, 0))
+    pmapped = jax.pmap(fn, axis_name=AXIS, devices=self.local_devices if jax.process_count() == 1
+                       else None, donate_argnums=(0,) if donate_state else (), in_axes=(0, 0, 0))
+    options = cpu.compiler_options(pmap=True) if self.devices[0].platform == "cpu" else None
+    return _CompiledWith(pmapped, options) if options else pmapped
 
   # -- data movement --------------------------------------------------------------------------
   def put_replicated(self, tree):
@@ -169,3 +169,18 @@ def global_mean(x, mask, axis_name: str = AXIS):
   num = jax.lax.psum(jnp.sum(x * mask), axis_name)
   den = jax.lax.psum(jnp.sum(mask), axis_name)
   return num / jnp.maximum(den, 1.0)
+
+
+class _CompiledWith:
+  """A pmapped function compiled with XLA options: `jax.pmap` takes none, its lowered programs
+  do. Compiles once per argument signature, as pmap's own dispatch does."""
+
+  def __init__(self, pmapped: Callable, options: dict):
+    self._pmapped, self._options, self._compiled = pmapped, options, {}
+
+  def __call__(self, *args):
+    leaves, treedef = jax.tree.flatten(args)
+    key = (treedef, tuple(jax.typeof(x) for x in leaves))
+    if key not in self._compiled:
+      self._compiled[key] = self._pmapped.lower(*args).compile(self._options)
+    return self._compiled[key](*args)

@@ -743,13 +743,6 @@ def validate(cfg) -> None:
                      "weights (a run dir or a weights file) or use full_ft")
   if cfg.train.num_steps <= 0 and cfg.train.num_epochs <= 0:
     raise ValueError("config.train.num_steps / num_epochs: one of them must be positive")
-  if (cfg.parallel.backend == "pmap" and cfg.method.name == "repsim"
-      and cfg.method.q_mode == "covariance" and jax.default_backend() == "cpu"):
-    # An XLA:CPU crash, not a wrong number: with 8 devices the first step segfaults inside
-    # XLA's in-process all-reduce (InProcessCommunicator::AllReduce, jaxlib 0.10.2), with or
-    # without donation; refused up front. shard_map runs the same step.
-    raise ValueError("config.parallel.backend='pmap' with config.method.q_mode='covariance' "
-                     "crashes XLA:CPU; use config.parallel.backend=shard_map (the default)")
   sharpness.check_config(cfg.analysis.sharpness, "config.analysis.sharpness")
   config_lib.check_choice(cfg, "analysis.in_step_sharpness", ("", "sam", "asam"))
   m = cfg.analysis.sharpness.get("m", 0)

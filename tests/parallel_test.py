@@ -1,13 +1,20 @@
 """XLA options of `parallel.DataParallel.compile` on CPU."""
 
+import json
+import os
 import re
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
 from jax import lax
 
-from repsim_jax import cpu, parallel
+from repsim_jax import checkpoint, cpu, parallel
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+R18 = os.path.join(os.path.dirname(REPO), "shared", "fixtures", "torchvision_resnet18.safetensors")
 
 
 def _loss_and_grads(x, w):
@@ -56,3 +63,31 @@ def test_data_parallel_compile_uses_the_cpu_options():
   compiled = dp.compile(step, donate_state=False).lower(
       dp.put_replicated(w), dp.put_batch(x), dp.put_replicated(np.zeros(2, np.uint32))).compile()
   assert _ynn_convolutions(compiled) == 0
+
+
+def test_pmap_runs_repsim_covariance_on_eight_cpu_devices(tmp_path):
+  """Its step segfaulted in XLA:CPU's in-process all-reduce under XLA's default CPU scheduler
+  (`cpu/compiler.py`); in a subprocess so a crash fails this test, not the worker. It trains
+  what shard_map trains."""
+  results = {}
+  for backend in ("pmap", "shard_map"):
+    wd = tmp_path / backend
+    cmd = [sys.executable, "-m", "repsim_jax.main",
+           "--config=configs/finetune.py:model=resnet18,source=synthetic,dataset=medical_gray,"
+           f"size=16,steps=3,batch=16,method=repsim,init={R18}",
+           "--config.method.q_mode=covariance", f"--config.parallel.backend={backend}",
+           "--config.parallel.num_devices=8", f"--config.data.data_dir={tmp_path / 'data'}",
+           "--config.data.train_size=64", "--config.data.val_size=16", "--config.data.test_size=16",
+           "--config.data.num_classes=3", "--config.analysis.max_examples=16",
+           "--config.train.tensorboard=False", f"--workdir={wd}"]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, (backend, out.returncode, out.stderr[-2000:])
+    results[backend] = (json.loads((wd / "results.json").read_text()),
+                        checkpoint.load_run_variables(str(wd)))
+  (res_p, var_p), (res_s, var_s) = results["pmap"], results["shard_map"]
+  for a, b in zip(jax.tree.leaves(var_p), jax.tree.leaves(var_s)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  assert res_p["similarity"]["linear_cka"].keys() == res_s["similarity"]["linear_cka"].keys()
+  for layer, v in res_s["similarity"]["linear_cka"].items():
+    assert abs(res_p["similarity"]["linear_cka"][layer] - v) < 1e-4, layer

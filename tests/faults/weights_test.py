@@ -142,8 +142,6 @@ def test_every_source_every_method_both_backends(tmp_path, shared_dir, request):
       # ViT-Ti at 224 px is slow on CPU: the methods on one layout; ResNets on every layout.
       layouts = [(1, "shard_map")] if vit else [(1, "shard_map"), (8, "shard_map"), (8, "pmap")]
       for devices, backend in layouts:
-        if backend == "pmap" and keys.get("method.q_mode") == "covariance":
-          continue  # refused at start-up on CPU (an XLA:CPU crash; inputs_test checks the error)
         name = f"{src}-{method}-{keys.get('method.q_mode', '')}-{devices}-{backend}"
         c = finetune_config(init, tmp_path, method, model, **{
             "parallel.num_devices": devices, "parallel.backend": backend, **extra, **keys})
