@@ -3,7 +3,7 @@
   python experiments/baselines.py --workdir=runs/study_baselines [--setting=small|full]
       [--methods=full_ft,linear_probe,lp_ft,l2sp,delta,bss,sam,asam,repsim]
       [--targets=medical_gray,medical_rgb] [--seeds=0,1,2] [--finetune_steps=N] [--data_dir=DIR]
-      [--strengths='delta.alpha=0.0001,0.001,0.01;bss.lam=0.001,0.01,1']
+      [--strengths='delta.lam=0.001,0.01,0.1;bss.lam=0.001,0.01,0.1']
 
 Every method fine-tunes the same pretrained model on every target for every seed. Per run:
 test accuracy, balanced accuracy and AUC; linear CKA of every layer to the pretrained model (test
@@ -34,7 +34,7 @@ import sys
 import numpy as np
 import pandas as pd
 
-from repsim_jax import config_lib, studies
+from repsim_jax import config_lib, methods as methods_lib, studies
 from repsim_jax.cpu import host
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs")
@@ -79,7 +79,7 @@ def target_data(f, target: str, size: int):
 
 
 def strength_grid(spec: str, repsim) -> dict[str, tuple[str, list[float]]]:
-  """`delta.alpha=0.0001,0.001;bss.lam=0.01,1` -> {"delta": ("alpha", [1e-4, 1e-3]), ...}."""
+  """`delta.lam=0.01,0.1;bss.lam=0.01,1` -> {"delta": ("lam", [0.01, 0.1]), ...}."""
   out = {}
   for part in filter(None, (p.strip() for p in spec.split(";"))):
     lhs, _, values = part.partition("=")
@@ -89,6 +89,10 @@ def strength_grid(spec: str, repsim) -> dict[str, tuple[str, list[float]]]:
                        f"of {METHODS}")
     if key not in method(name, repsim):
       raise ValueError(f"--strengths: {part!r}: config.method has no key {key!r}")
+    uses = methods_lib.get_method(method(name, repsim)).uses
+    if key not in uses:  # a grid over a key the method ignores trains the same run again
+      raise ValueError(f"--strengths: {part!r}: method {name!r} does not read config.method."
+                       f"{key} (it reads {', '.join(uses)})")
     try:
       out[name] = (key, [float(v) for v in values.split(",")])
     except ValueError:

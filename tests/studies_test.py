@@ -150,10 +150,11 @@ def test_baselines_report_keeps_each_methods_strength_with_the_best_val_accuracy
   assert summary.loc[("b", "delta"), "accuracy_count"] == 2  # the chosen strength's seeds only
   assert len(pd.read_csv(tmp_path / "results.csv")) == len(df)
   repsim = config_lib.method_config("repsim")
-  assert mod.strength_grid("delta.alpha=0.001,0.01;bss.lam=1", repsim) == {
-      "delta": ("alpha", [0.001, 0.01]), "bss": ("lam", [1.0])}
-  for bad, says in (("dleta.alpha=1", "expected <method>.<key>"), ("delta.alpah=1", "no key 'alpah'"),
-                    ("delta.alpha=x", "must be numbers")):
+  assert mod.strength_grid("delta.lam=0.001,0.01;bss.lam=1", repsim) == {
+      "delta": ("lam", [0.001, 0.01]), "bss": ("lam", [1.0])}
+  for bad, says in (("dleta.lam=1", "expected <method>.<key>"), ("delta.lma=1", "no key 'lma'"),
+                    ("delta.lam=x", "must be numbers"),
+                    ("delta.alpha=1", "method 'delta' does not read config.method.alpha")):
     with pytest.raises(ValueError, match=says):
       mod.strength_grid(bad, repsim)
 
