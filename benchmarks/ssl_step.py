@@ -2,7 +2,7 @@
 objective in eager PyTorch with lightly's heads, losses and transforms where they are installed.
 
   python benchmarks/ssl_step.py [--objectives simclr,byol] [--model resnet18] [--size 64]
-      [--batch 64] [--steps 10] [--rounds 5] [--torch-python PATH]
+      [--batch 64] [--steps 30] [--rounds 5] [--torch-python PATH]
 
 Prints one JSON line per objective. The JAX step is the trainer's (`train.make_ssl_train_step`,
 LARS, the objective's published heads) compiled for one device; `views_s` times the same
@@ -11,7 +11,9 @@ its ratio to the step. The PyTorch step (benchmarks/torch_ssl_reference.py, a pr
 as in train_step.py) includes its augmentation too: lightly's SimCLR / BYOL transforms on PIL
 images, one example at a time as its data loaders do, then forward, loss and an SGD step.
 `--torch-python` runs it with another interpreter (one with torch, torchvision and lightly).
-Rounds alternate the runners (see train_step.py) and ratios are medians of per-round ratios.
+Rounds alternate the runners (see train_step.py) and ratios are medians of per-round ratios; each
+round times 6 steps by default (with 2, a round's median is the mean of two steps, one of them
+right after the other runner's).
 """
 
 from __future__ import annotations
@@ -88,7 +90,7 @@ def main():
   ap.add_argument("--model", default="resnet18")
   ap.add_argument("--size", type=int, default=64)
   ap.add_argument("--batch", type=int, default=64)
-  ap.add_argument("--steps", type=int, default=10)
+  ap.add_argument("--steps", type=int, default=30)
   ap.add_argument("--rounds", type=int, default=5)
   ap.add_argument("--torch-python", default=sys.executable)
   ap.add_argument("--no-torch", action="store_true")
