@@ -126,7 +126,10 @@ def _sources(tmp_path):
 
 
 @pytest.mark.slow
-def test_every_source_every_method_both_backends(tmp_path, shared_dir, request):
+@pytest.mark.parametrize("layout", [(1, "shard_map"), (8, "shard_map"), (8, "pmap")],
+                         ids=lambda l: f"{l[0]}-{l[1]}")
+def test_every_source_every_method_both_backends(tmp_path, shared_dir, request, layout):
+  # One case per device layout, so that `-k pmap` selects one and xdist spreads them.
   # The same programs again for each source: reading them back from the session's persistent
   # compilation cache (tests/conftest.py) segfaulted in jax's deserialization once
   # (rundir-repsim-learned-1-shard_map); compile them afresh here.
@@ -140,8 +143,9 @@ def test_every_source_every_method_both_backends(tmp_path, shared_dir, request):
     vit = model.startswith("vit")
     for (method, keys) in METHODS:
       # ViT-Ti at 224 px is slow on CPU: the methods on one layout; ResNets on every layout.
-      layouts = [(1, "shard_map")] if vit else [(1, "shard_map"), (8, "shard_map"), (8, "pmap")]
-      for devices, backend in layouts:
+      if vit and layout != (1, "shard_map"):
+        continue
+      for devices, backend in [layout]:
         name = f"{src}-{method}-{keys.get('method.q_mode', '')}-{devices}-{backend}"
         c = finetune_config(init, tmp_path, method, model, **{
             "parallel.num_devices": devices, "parallel.backend": backend, **extra, **keys})
