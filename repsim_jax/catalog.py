@@ -53,9 +53,10 @@ def methods() -> list[tuple[str, str]]:
   from repsim_jax import config_lib, methods as methods_lib  # pylint: disable=g-import-not-at-top
   out = []
   for name in sorted(methods_lib.METHODS):
-    method = methods_lib.get_method(config_lib.method_config(name))
-    out.append((name, method.summary + (f"; keys: {', '.join(method.uses)}" if method.uses
-                                        else "")))
+    cfg = config_lib.method_config(name)
+    method = methods_lib.get_method(cfg)
+    keys = ", ".join(f"{k}={cfg[k]!r}" for k in method.uses)
+    out.append((name, method.summary + (f"; keys: {keys}" if keys else "")))
   return out
 
 

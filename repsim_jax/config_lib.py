@@ -286,12 +286,19 @@ def sharpness_config() -> ml_collections.ConfigDict:
   return sharpness.default_config()
 
 
+# λ where 1 is not the right scale: DELTA's squared feature distance sums over channels and BSS's
+# σ² grow with batch and width (both are in the hundreds at a pretrained ResNet-18), while RepSim's
+# features are normalised. The papers' values: Li et al. 2019 (α = 0.01), Chen et al. 2019 (η = 0.001).
+DEFAULT_LAM = {"delta": 0.01, "bss": 0.001}
+
+
 def method_config(name: str = "full_ft", **overrides) -> ml_collections.ConfigDict:
-  """Every method hyper-parameter (DESIGN §1); each method reads the ones it needs."""
+  """Every method hyper-parameter (DESIGN §1) at `name`'s defaults; each method reads the ones
+  it needs."""
   m = ml_collections.ConfigDict()
   m.name = name  # full_ft | linear_probe | lp_ft | l2sp | delta | bss | sam | asam | repsim
   # RepSim / DELTA / BSS strength λ, optionally warmed up.
-  m.lam = 1.0
+  m.lam = DEFAULT_LAM.get(name, 1.0)
   m.lam_schedule = "constant"     # constant | warmup
   m.lam_warmup_steps = 0
   m.layers = ("pre_logits",)      # regularised representations (RepSim, DELTA)

@@ -35,9 +35,12 @@ def test_catalog_lists_what_the_configs_accept():
   assert "multiclass, 7 classes, 3 channels" in derma and medmnist.CATALOGUE["dermamnist"][0] == 7
   # Each method's keys are the ones it reads: setting any other one draws a warning.
   repsim = next(l for l in lines if l.strip().startswith("repsim "))
-  keys = repsim.split("keys: ")[1].split(", ")
+  keys = [k.split("=")[0] for k in repsim.split("keys: ")[1].split(", ")]
   cfg = config_lib.method_config("repsim")
   assert methods.unused_keys(cfg) == [] and set(keys) <= set(cfg)
+  # ... at the method's own defaults (DELTA's λ is not RepSim's).
+  delta = next(l for l in lines if l.strip().startswith("delta "))
+  assert "lam=0.01," in delta and config_lib.method_config("delta").lam == 0.01
   bad = _cli("repsim_jax.catalog", "modles")
   assert bad.returncode == 2 and bad.stderr.strip() == (
       "error: unknown section 'modles'; expected some of models, datasets, methods, "
