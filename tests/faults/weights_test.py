@@ -71,7 +71,7 @@ def test_finetune_from_a_pth_file_without_torch(tmp_path):
 @pytest.mark.parametrize("method", ["delta", "bss"])
 def test_delta_and_bss_defaults_keep_the_pretrained_representation(tmp_path, method):
   # At λ = 1 (RepSim's scale) two steps took every ResNet-18 block to CKA 0.1-0.2 (BSS's layer4
-  # to 0.0); the method's own default λ keeps each layer as close as full fine-tuning does.
+  # to 0.0); at the method's own default λ every layer passes the bound the other methods do.
   c = finetune_config(R18, tmp_path, method)
   assert c.method.lam == config_lib.DEFAULT_LAM[method]
   wd = str(tmp_path / "run")
