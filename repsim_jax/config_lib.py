@@ -322,9 +322,25 @@ def method_config(name: str = "full_ft", **overrides) -> ml_collections.ConfigDi
   return m
 
 
+def renamed_method(m: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+  """Method config `m` as method `name`: keys still at `m.name`'s defaults take `name`'s (DELTA's
+  λ is not RepSim's); keys set to anything else keep their value."""
+  old, new = method_config(m.name), method_config(name)
+  with new.unlocked():
+    for k in m:
+      if k != "name" and (k not in old or m[k] != old[k]):
+        new[k] = m[k]
+  return new
+
+
 def set_keys(cfg: ml_collections.ConfigDict, overrides):
-  """`cfg` with dotted keys set (`{"optim.lr": 0.1}`); an unknown key is a one-line error."""
+  """`cfg` with dotted keys set (`{"optim.lr": 0.1}`); an unknown key is a one-line error.
+  `method.name` renames the method with `renamed_method`."""
   for dotted, value in overrides.items():
+    if dotted == "method.name" and "method" in cfg:
+      with cfg.unlocked():
+        cfg.method = renamed_method(cfg.method, value)
+      continue
     node = cfg
     *parents, leaf = dotted.split(".")
     for p in parents:

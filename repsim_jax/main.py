@@ -44,6 +44,24 @@ def _parse_flags(argv):
     sys.exit(1)
 
 
+def _config():
+  """The parsed config; a `--config.method.name` override renames the config file's method the
+  way `config_lib.set_keys` does (λ follows the new method's default unless set)."""
+  from repsim_jax import config_lib  # pylint: disable=g-import-not-at-top
+  cfg, flag = _CONFIG.value, flags.FLAGS["config"]
+  overrides = config_flags.get_override_values(flag)
+  if "method.name" in overrides and "method" in cfg:
+    path, _, arg = config_flags.get_config_filename(flag).partition(":")
+    m = config_lib.renamed_method(config_lib.load_config(path, arg or None).method,
+                                  overrides["method.name"])
+    for k in m:  # the other method overrides, as given
+      if f"method.{k}" in overrides:
+        m[k] = cfg.method[k]
+    with cfg.unlocked():
+      cfg.method = m
+  return cfg
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -51,12 +69,13 @@ def main(argv):
   from repsim_jax import jobs  # After flag parsing: XLA_FLAGS set by the user apply.
   par = None
   try:
-    par = _CONFIG.value.get("parallel")  # (loads the config file: errors are caught below)
+    config = _config()  # (loads the config file: errors are caught below)
+    par = config.get("parallel")
     if par is not None and par.get("coordinator_address") and par.get("num_processes", 1) > 1:
       from repsim_jax import peers  # pylint: disable=g-import-not-at-top
       peers.supervise(par.get("process_id", 0), _WORKDIR.value,
                       int(par.get("heartbeat_timeout_seconds", 30)))
-    jobs.run(_CONFIG.value, _WORKDIR.value)
+    jobs.run(config, _WORKDIR.value)
   except Exception as e:  # pylint: disable=broad-except
     par = par or {}
     if par.get("num_processes", 1) > 1 and ("Gloo" in str(e) or "closed by peer" in str(e)):

@@ -46,3 +46,26 @@ def test_cli_bad_config_fails_with_one_line(tmp_path, args, message):
   assert proc.returncode != 0
   assert message in proc.stderr
   assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_renaming_the_method_brings_its_defaults_and_keeps_what_was_set():
+  # DELTA's λ is 0.01, RepSim's 1: a sweep over method.name must not run DELTA at RepSim's.
+  m = config_lib.renamed_method(config_lib.method_config("repsim", q_mode="procrustes"), "delta")
+  assert (m.name, m.lam, m.q_mode) == ("delta", 0.01, "procrustes")
+  assert config_lib.renamed_method(config_lib.method_config("full_ft", lam=0.5), "bss").lam == 0.5
+  c = config_lib.set_keys(config_lib.load_config("configs/finetune.py", "method=repsim"),
+                          {"method.name": "bss", "method.rho": 0.1})
+  assert (c.method.name, c.method.lam, c.method.rho) == ("bss", 0.001, 0.1)
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    (["--config.method.name=delta", "--config.method.alpha=0.5"], "delta 0.01 0.5"),
+    (["--config.method.name=delta", "--config.method.lam=2.0"], "delta 2.0 0.01")])
+def test_command_line_method_name_override_renames_the_method(overrides, expected):
+  # main's own config loading, in a fresh process (absl's flags are process-global).
+  show = ("import sys; from absl import flags; from repsim_jax import main; flags.FLAGS(sys.argv);"
+          " m = main._config().method; print(m.name, m.lam, m.alpha)")
+  out = subprocess.run([sys.executable, "-c", show, "--config=configs/finetune.py:method=repsim",
+                        "--workdir=unused", *overrides],
+                       capture_output=True, text=True, timeout=300)
+  assert out.stdout.strip() == expected, out.stderr[-2000:]
