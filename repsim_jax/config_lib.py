@@ -335,8 +335,9 @@ def renamed_method(m: ml_collections.ConfigDict, name: str) -> ml_collections.Co
 
 def set_keys(cfg: ml_collections.ConfigDict, overrides):
   """`cfg` with dotted keys set (`{"optim.lr": 0.1}`); an unknown key is a one-line error.
-  `method.name` renames the method with `renamed_method`."""
-  for dotted, value in overrides.items():
+  `method.name` renames the method with `renamed_method`, before the other keys are set, so that
+  a key given with it keeps the value given."""
+  for dotted, value in sorted(overrides.items(), key=lambda kv: kv[0] != "method.name"):
     if dotted == "method.name" and "method" in cfg:
       with cfg.unlocked():
         cfg.method = renamed_method(cfg.method, value)

@@ -52,13 +52,10 @@ def _config():
   overrides = config_flags.get_override_values(flag)
   if "method.name" in overrides and "method" in cfg:
     path, _, arg = config_flags.get_config_filename(flag).partition(":")
-    m = config_lib.renamed_method(config_lib.load_config(path, arg or None).method,
-                                  overrides["method.name"])
-    for k in m:  # the other method overrides, as given
-      if f"method.{k}" in overrides:
-        m[k] = cfg.method[k]
+    fresh = config_lib.set_keys(config_lib.load_config(path, arg or None),
+                                {k: v for k, v in overrides.items() if k.startswith("method.")})
     with cfg.unlocked():
-      cfg.method = m
+      cfg.method = fresh.method
   return cfg
 
 
