@@ -132,6 +132,8 @@ def fit(cfgs, workdirs) -> list[train.Outcome]:
     for i in range(len(cfgs)):
       if i not in todo:
         print(f"already finished: {workdirs[i]}/results.json", flush=True)
+    if todo:
+      cpu.drop_compiled_programs_near_map_limit()
     if len(todo) == 1:
       out[todo[0]] = train._Run(cfgs[todo[0]], workdirs[todo[0]]).train()
     elif todo:

@@ -347,6 +347,7 @@ def fit(cfg: ml_collections.ConfigDict, workdir: str) -> Outcome:
       print(f"{cfg.get('name') and f'[{cfg.name}] '}already finished: {workdir}/results.json",
             flush=True)
       return Outcome(done, None)
+    cpu.drop_compiled_programs_near_map_limit()
     return _Run(cfg, workdir).train()
 
 

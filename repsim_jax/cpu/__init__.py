@@ -4,13 +4,15 @@ The models ask for `conv_general_dilated` (for `nn.Conv`) and `max_pool`, and ge
 XLA:CPU's slow paths on CPU (`conv`, `pooling`, with `phases` for their strided gradients) and
 JAX's own everywhere else; `compiler_options` are the XLA flags the jitted steps compile with on
 CPU; `host` holds the process settings (single-threaded host BLAS while steps run, glibc malloc on
-huge pages via one re-exec at start-up). Each module says what it fixes and what it was measured
-to gain; figures are in benchmarks/ and the README.
+huge pages via one re-exec at start-up, and dropping compiled programs between runs before
+their code exhausts the process's memory maps). Each module says what it fixes and what it was
+measured to gain; figures are in benchmarks/ and the README.
 """
 
 from __future__ import annotations
 
-from repsim_jax.cpu.host import malloc_on_huge_pages, single_threaded_blas
+from repsim_jax.cpu.host import (drop_compiled_programs_near_map_limit, malloc_on_huge_pages,
+                                 single_threaded_blas)
 
 
 def __getattr__(name):
@@ -28,5 +30,5 @@ def __getattr__(name):
   raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["compiler_options", "conv_general_dilated", "malloc_on_huge_pages", "max_pool",
-           "single_threaded_blas"]
+__all__ = ["compiler_options", "conv_general_dilated", "drop_compiled_programs_near_map_limit",
+           "malloc_on_huge_pages", "max_pool", "single_threaded_blas"]

@@ -15,6 +15,8 @@ import sys
 import threadpoolctl
 
 _HUGETLB = "glibc.malloc.hugetlb"
+_MAX_MAP_COUNT = "/proc/sys/vm/max_map_count"
+MAP_BUDGET = 0.5  # the share of the kernel's limit on memory maps compiled code may hold
 _THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
@@ -64,3 +66,30 @@ def malloc_on_huge_pages() -> None:
   sys.stdout.flush()
   sys.stderr.flush()
   os.execv(sys.executable, sys.orig_argv)
+
+
+def drop_compiled_programs_near_map_limit() -> bool:
+  """Drops JAX's compiled programs when they hold over `MAP_BUDGET` of Linux's limit on a
+  process's memory maps; True if it did. Call it between runs.
+
+  XLA:CPU loads each compiled program's code into memory maps of its own (thousands for one
+  fine-tune run's programs) and unmaps them only when JAX drops the programs. A process that runs
+  run after run (the slow test matrix, a sweep or a study on the inline executor, the default
+  job) reached `vm.max_map_count` (65,530 by default) after a few dozen runs, and the next
+  compile died inside LLVM ("Unable to allocate section memory", or a segfault). Programs of
+  finished runs are dropped with the rest and recompiled only if a later run needs them.
+  """
+  try:
+    with open(_MAX_MAP_COUNT) as f:
+      limit = int(f.read())
+    with open("/proc/self/maps", "rb") as f:
+      used = sum(1 for _ in f)
+  except (OSError, ValueError):  # not Linux: no such limit to keep clear of
+    return False
+  if used <= MAP_BUDGET * limit:
+    return False
+  import gc  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.clear_caches()
+  gc.collect()  # programs held only by reference cycles of finished runs
+  return True

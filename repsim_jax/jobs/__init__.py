@@ -7,7 +7,7 @@ import os
 
 import jax
 
-from repsim_jax import parallel, runs
+from repsim_jax import cpu, parallel, runs
 
 
 def run(config, workdir: str):
@@ -18,6 +18,7 @@ def run(config, workdir: str):
   if "parallel" in config:
     parallel.initialize_distributed(config.parallel)
   os.makedirs(workdir, exist_ok=True)
+  cpu.drop_compiled_programs_near_map_limit()  # a process running job after job (tests, studies)
   return JOBS[job](config, workdir)
 
 
