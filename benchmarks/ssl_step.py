@@ -10,7 +10,9 @@ view generation (`ssl.augment.make_views`) jitted alone on the same batch, and `
 its ratio to the step. The PyTorch step (benchmarks/torch_ssl_reference.py, a process of its own,
 as in train_step.py) includes its augmentation too: lightly's SimCLR / BYOL transforms on PIL
 images, one example at a time as its data loaders do, then forward, loss and an SGD step.
-`--torch-python` runs it with another interpreter (one with torch, torchvision and lightly).
+Where JAX runs on a GPU, PyTorch runs on it too (CUDA), and its model part is also timed alone
+on views made once (`torch_model_step_s`: lightly with enough loader workers to hide the host
+transforms, the stricter comparison). `--torch-python` runs it with another interpreter (one with torch, torchvision and lightly).
 Rounds alternate the runners (see train_step.py) and ratios are medians of per-round ratios; each
 round times 6 steps by default (with 2, a round's median is the mean of two steps, one of them
 right after the other runner's).
@@ -77,10 +79,11 @@ def jax_runners(objective: str, model_name: str, size: int, batch: int):
   return compile_s, (lambda n: [run_step() for _ in range(n)]), (lambda n: [run_views() for _ in range(n)])
 
 
-def torch_runner(python: str, objective: str, model_name: str, size: int, batch: int):
+def torch_runner(python: str, objective: str, model_name: str, size: int, batch: int,
+                 device: str, part: str):
   """Times n eager PyTorch + lightly steps in a process of its own; None where it cannot run."""
   script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_ssl_reference.py")
-  return served([python, script, objective, model_name, str(size), str(batch)])
+  return served([python, script, objective, model_name, str(size), str(batch), device, part])
 
 
 @host.single_threaded_blas()
@@ -98,10 +101,15 @@ def main():
   for objective in args.objectives.split(","):
     compile_s, run_step, run_views = jax_runners(objective, args.model, args.size, args.batch)
     runners = {"step": run_step, "views": run_views}
-    if not args.no_torch and jax.default_backend() == "cpu":
-      made = torch_runner(args.torch_python, objective, args.model, args.size, args.batch)
-      if made is not None:
-        runners["torch"] = made
+    if not args.no_torch:
+      # On a GPU both the whole lightly step (its host transforms included) and its model part
+      # alone (views made once: as if loader workers hid the transforms) are timed.
+      device = "cuda" if jax.default_backend() == "gpu" else "cpu"
+      for part in ("step", "model") if device == "cuda" else ("step",):
+        made = torch_runner(args.torch_python, objective, args.model, args.size, args.batch,
+                            device, part)
+        if made is not None:
+          runners["torch" if part == "step" else "torch_model"] = made
     t = time_interleaved(runners, args.steps, args.rounds)
     s = step_time(t["step"])
     row = {"objective": objective, "model": args.model, "size": args.size, "batch": args.batch,
@@ -113,6 +121,9 @@ def main():
       row["torch_step_s"] = round(step_time(t["torch"]), 4)
       row["ratio_ours_over_torch"] = round(paired_ratio(t["step"], t["torch"]), 3)
       row["ratio_ours_over_torch_fastest"] = round(t["step"].min() / t["torch"].min(), 3)
+    if "torch_model" in t:
+      row["torch_model_step_s"] = round(step_time(t["torch_model"]), 4)
+      row["ratio_ours_over_torch_model"] = round(paired_ratio(t["step"], t["torch_model"]), 3)
     print(json.dumps(row), flush=True)
 
 

@@ -1,12 +1,14 @@
 """SimCLR / BYOL in eager PyTorch with lightly (heads, losses, transforms), for ssl_step.py.
 
-  python benchmarks/torch_ssl_reference.py OBJECTIVE MODEL SIZE BATCH
+  python benchmarks/torch_ssl_reference.py OBJECTIVE MODEL SIZE BATCH [DEVICE] [PART]
 
 Serves ssl_step.py from its own process: prints `ready` after warm-up, then for each line `N`
-on stdin runs N steps and prints their times as a JSON list. A step is what a lightly training
-loop does per batch on one CPU process: the two views of every example by lightly's transforms
-(PIL, one image at a time, as its data loaders), the forward of both views (BYOL: and of the
-momentum network), the loss, backward and an SGD step (BYOL: and the EMA update).
+on stdin runs N steps and prints their times as a JSON list. A step (PART `step`) is what a
+lightly training loop does per batch in one process: the two views of every example by lightly's
+transforms (PIL on the host, one image at a time, as its data loaders), the forward of both views
+(BYOL: and of the momentum network), the loss, backward and an SGD step (BYOL: and the EMA
+update), on DEVICE (`cpu` or `cuda`). PART `model` makes the views once and times the rest: the
+step as it would be with enough loader workers to hide the transforms entirely.
 """
 
 import copy
@@ -19,6 +21,8 @@ import numpy as np
 
 def main():
   objective, model_name, size, batch = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+  device = sys.argv[5] if len(sys.argv) > 5 else "cpu"
+  part = sys.argv[6] if len(sys.argv) > 6 else "step"
   try:
     import torch
     import torchvision
@@ -55,13 +59,20 @@ def main():
       p.requires_grad = False
     loss_fn = NegativeCosineSimilarity()
     params = list(online.parameters()) + list(predictor.parameters())
+  for m in (online, predictor, target) if objective == "byol" else (online,):
+    m.to(device)
   opt = torch.optim.SGD(params, lr=0.06, momentum=0.9)
+
+  def make_views():
+    views = [transform(im) for im in images]
+    return (torch.stack([v[0] for v in views]).to(device),
+            torch.stack([v[1] for v in views]).to(device))
+
+  fixed = make_views() if part == "model" else None
 
   def step():
     t0 = time.perf_counter()
-    views = [transform(im) for im in images]
-    x0 = torch.stack([v[0] for v in views])
-    x1 = torch.stack([v[1] for v in views])
+    x0, x1 = fixed or make_views()
     if objective == "simclr":
       loss = loss_fn(online(x0), online(x1))
     else:
@@ -74,6 +85,8 @@ def main():
     opt.step()
     if objective == "byol":
       update_momentum(online, target, 0.99)
+    if device == "cuda":
+      torch.cuda.synchronize()
     return time.perf_counter() - t0
 
   for _ in range(2):
