@@ -12,7 +12,8 @@ as in train_step.py) includes its augmentation too: lightly's SimCLR / BYOL tran
 images, one example at a time as its data loaders do, then forward, loss and an SGD step.
 Where JAX runs on a GPU, PyTorch runs on it too (CUDA), and its model part is also timed alone
 on views made once (`torch_model_step_s`: lightly with enough loader workers to hide the host
-transforms, the stricter comparison). `--torch-python` runs it with another interpreter (one with torch, torchvision and lightly).
+transforms, the stricter comparison). `--torch-python` runs it with another interpreter (one
+with torch, torchvision and lightly).
 Rounds alternate the runners (see train_step.py) and ratios are medians of per-round ratios; each
 round times 6 steps by default (with 2, a round's median is the mean of two steps, one of them
 right after the other runner's).
