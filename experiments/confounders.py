@@ -107,9 +107,10 @@ def finetune_config(s, init, kind, p, fold, method, data_dir, seed=0):
   return c
 
 
-def run_study(workdir: str, setting: str = "small", data_dir: str = "", **override) -> pd.DataFrame:
-  s = {**SETTINGS[setting], **{k: v for k, v in override.items() if v not in (None, "")}}
-  data_dir = data_dir or s["data_dir"] or os.path.join(workdir, "data")
+def run_study(workdir: str, s: dict) -> pd.DataFrame:
+  """Runs (or reads back) every run of setting `s` (a full SETTINGS entry, as `studies.main`
+  gives it) and writes the CSVs, plots and report into `workdir`."""
+  data_dir = s["data_dir"] or os.path.join(workdir, "data")
   sources = parse_sources(s["sources"])
   trained = studies.sources(workdir, {
       f"pretrain_{init.split(':', 1)[1]}": pretrain_source(init.split(":", 1)[1], s, data_dir)
@@ -233,7 +234,7 @@ def plot_auc(df: pd.DataFrame, path: str) -> None:
 
 
 def main(argv=None):
-  return studies.main(__doc__, SETTINGS, lambda workdir, s: run_study(workdir, **s), argv)
+  return studies.main(__doc__, SETTINGS, run_study, argv)
 
 
 if __name__ == "__main__":

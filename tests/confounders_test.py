@@ -149,8 +149,9 @@ def test_the_shortcut_is_learned_at_p1_and_absent_at_p0(tmp_path):
   AUC collapses (measured 1.00 i.i.d. against 0.00 o.o.d.); at p = 0 the two agree (0.89 and
   0.91)."""
   study = _study()
-  df = study.run_study(str(tmp_path), kinds="lowpass", ps="0,1", folds=2, finetune_steps=150,
-                       sources="random=", methods="full_ft")
+  df = study.run_study(str(tmp_path), dict(study.SETTINGS["small"], kinds="lowpass", ps="0,1",
+                                            folds=2, finetune_steps=150, sources="random=",
+                                            methods="full_ft"))
   at = {p: g for p, g in df.groupby("p")}
   assert (at[1.0].auc_iid - at[1.0].auc_ood).min() > 0.5
   spread = at[0.0].auc_iid.std() + at[0.0].auc_ood.std() + 0.02
@@ -215,9 +216,10 @@ def test_study_end_to_end_and_a_rerun_trains_nothing(tmp_path, capsys):
   study = _study()
   target = dict(study.SETTINGS["small"]["target"], size=16, train_size=320, val_size=80,
                 test_size=160)
-  kw = dict(kinds="tag", ps="1", folds=2, finetune_steps=2, pretrain_steps=2, batch=16,
-            sources="natural=pretrain:natural,random=", methods="full_ft,repsim", target=target)
-  df = study.run_study(str(tmp_path), **kw)
+  kw = dict(study.SETTINGS["small"], kinds="tag", ps="1", folds=2, finetune_steps=2,
+            pretrain_steps=2, batch=16, sources="natural=pretrain:natural,random=",
+            methods="full_ft,repsim", target=target)
+  df = study.run_study(str(tmp_path), kw)
   # Random init runs full fine-tuning only: 2 folds x (2 methods + 1).
   assert len(df) == 6 and set(df.method[df.source == "random"]) == {"full_ft"}
   _check_report(tmp_path, df)
@@ -227,7 +229,7 @@ def test_study_end_to_end_and_a_rerun_trains_nothing(tmp_path, capsys):
   saved = json.load(open(tmp_path / first.run / "results.json"))
   assert saved["final"]["test_ood"]["auc"] == pytest.approx(first.auc_ood)
   capsys.readouterr()
-  again = study.run_study(str(tmp_path), **kw)
+  again = study.run_study(str(tmp_path), kw)
   out = capsys.readouterr().out
   assert out.count("already finished") == 6 + 1 and "step 1/" not in out
   pd.testing.assert_frame_equal(again, df)

@@ -3,6 +3,7 @@ equal the CSVs (checked on synthetic result rows, no training), and end to end o
 re-run that trains nothing (slow)."""
 
 import importlib.util
+import json
 import os
 import re
 
@@ -25,7 +26,8 @@ def study(name):
 
 def assert_report_tables_match_csvs(workdir):
   """Every number in a table of report.md is a value of one of the study's CSVs, printed with
-  the same number of decimals."""
+  the same number of decimals. Checked: the cells that hold numbers alone (`0.1234`,
+  `0.12 ± 0.01`, `+30 %`); names (`repsim_lam0.3`) and sentences are not figures."""
   values = []
   for name in os.listdir(workdir):
     if name.endswith(".csv"):
@@ -38,7 +40,9 @@ def assert_report_tables_match_csvs(workdir):
   for line in report.splitlines():
     if not line.startswith("|") or set(line) <= set("|- "):
       continue
-    for token in re.findall(r"-?\d+\.\d+", line):
+    cells = [c for c in line.strip().strip("|").split("|")
+             if re.fullmatch(r"[\s\d.,+\-−±%()*]*", c)]
+    for token in re.findall(r"-?\d+\.\d+", " ".join(cells)):
       decimals = len(token.split(".")[1])
       assert token in printed[decimals] or token.lstrip("-") == f"{0:.{decimals}f}", (
           f"{token} in report.md is in no CSV: {line}")
@@ -278,10 +282,10 @@ def test_repsim_keeps_30pct_more_cka_at_competitive_accuracy(tmp_path):
 TINY = dict(size=16, pretrain_steps=30, ssl_steps=20, finetune_steps=20, batch=32)
 
 
-def _end_to_end(name, workdir, capsys, **setting):
+def _end_to_end(name, workdir, capsys, setting="small", **values):
   mod = study(name)
-  s = {**mod.SETTINGS["small"], **{k: v for k, v in TINY.items() if k in mod.SETTINGS["small"]},
-       **setting}
+  s = {**mod.SETTINGS[setting], **{k: v for k, v in TINY.items() if k in mod.SETTINGS[setting]},
+       **values}
   mod.run_study(str(workdir), s)
   first = capsys.readouterr().out
   assert_report_tables_match_csvs(str(workdir))
@@ -334,3 +338,118 @@ def test_transferability_end_to_end(tmp_path, capsys):
               targets="natural,medical_gray", lrs="0.01", max_examples=200)
   truth = pd.read_csv(tmp_path / "ground_truth.csv")
   assert len(truth) == 3 * 2
+
+
+# -- the `full` settings, on files in the formats users download ------------------------------
+# Each study's `full` setting with its real loaders and weight readers: MedMNIST npz files
+# (random images, every class present), a prepared TFDS set for the SSL / indicator source, and
+# torchvision-layout checkpoints, at tiny sizes; only the names and sizes are overridden.
+PTH = os.path.join(REPO, "tests", "fixtures", "resnet_small_torchvision.pth")
+R18 = os.path.join(os.path.dirname(REPO), "shared", "fixtures", "torchvision_resnet18.safetensors")
+FULL_TINY = dict(model="resnet_small", size=28, pretrain_steps=0, ssl_steps=0, finetune_steps=2,
+                 batch=16, seeds="0")
+
+
+@pytest.fixture(scope="module")
+def downloads(tmp_path_factory):
+  """A data dir as a user's: `<name>.npz` for the MedMNIST sets the full settings name, and the
+  tiny TFDS set of tests/data_test.py (`reprsim_tiny_med`, prepared)."""
+  from repsim_jax.data import medmnist
+  root = tmp_path_factory.mktemp("downloads")
+  rng = np.random.default_rng(0)
+  for name in ("pathmnist", "dermamnist", "bloodmnist", "breastmnist", "pneumoniamnist",
+               "organamnist"):
+    spec = medmnist.medmnist_spec(name, 28)
+    arrays = {}
+    for split, n in (("train", 64), ("val", 24), ("test", 24)):
+      shape = (n, 28, 28) + ((3,) if spec.channels == 3 else ())
+      arrays[f"{split}_images"] = rng.integers(0, 256, shape, dtype=np.uint8)
+      arrays[f"{split}_labels"] = (np.arange(n) % spec.num_classes).reshape(n, 1)
+    np.savez(root / medmnist.medmnist_filename(name, 28), **arrays)
+  data_test = importlib.util.spec_from_file_location("data_test",
+                                                     os.path.join(REPO, "tests", "data_test.py"))
+  mod = importlib.util.module_from_spec(data_test)
+  data_test.loader.exec_module(mod)
+  mod._build_tiny_tfds(root)
+  return str(root)
+
+
+def _full(name, tmp_path, capsys, downloads, **values):
+  """Runs the study's `full` setting twice (the second trains nothing); returns the data sets
+  and weights its fine-tuning runs read: {(data.source, data.name, model.init)}."""
+  tiny = {k: v for k, v in FULL_TINY.items() if k in study(name).SETTINGS["full"]}
+  _end_to_end(name, tmp_path, capsys, "full", **{**tiny, "data_dir": downloads, **values})
+  read = set()
+  for root, _, files in os.walk(tmp_path):
+    if "config.json" in files and "results.json" in files:
+      c = json.load(open(os.path.join(root, "config.json")))
+      if c.get("objective", "supervised") == "supervised" and c["data"]["source"] == "medmnist":
+        assert c["data"]["data_dir"] == downloads
+        read.add((c["data"]["source"], c["data"]["name"], c["model"]["init"]))
+  return read
+
+
+@pytest.mark.slow
+def test_repsim_vs_ft_full_setting(tmp_path, capsys, downloads):
+  read = _full("repsim_vs_ft", tmp_path, capsys, downloads, source=PTH, lams="0.3")
+  assert read == {("medmnist", "dermamnist", PTH)}
+  assert sorted(pd.read_csv(tmp_path / "results.csv").method) == ["full_ft", "repsim_lam0.3"]
+
+
+@pytest.mark.slow
+def test_baselines_full_setting(tmp_path, capsys, downloads):
+  read = _full("baselines", tmp_path, capsys, downloads, source=PTH,
+               targets="breastmnist,bloodmnist", methods="full_ft,repsim")
+  assert read == {("medmnist", "breastmnist", PTH), ("medmnist", "bloodmnist", PTH)}
+  df = pd.read_csv(tmp_path / "results.csv")
+  assert len(df) == 4 and df.hessian_top_eigenvalue.notna().all()
+
+
+@pytest.mark.slow
+def test_trajectories_full_setting(tmp_path, capsys, downloads):
+  read = _full("trajectories", tmp_path, capsys, downloads, sources=f"imagenet={PTH}",
+               methods="full_ft,linear_probe", finetune_steps=4, evals=2,
+               source_data="reprsim_tiny_med")
+  assert read == {("medmnist", "dermamnist", PTH)}
+  df = pd.read_csv(tmp_path / "trajectories.csv")
+  assert len(df) == 2 * 2 and df.knn_accuracy.between(0, 1).all()
+  # The source-task indicators are measured on the prepared TFDS set's val split (5 images).
+  run = next(d for d in os.listdir(tmp_path / "runs") if d.startswith("imagenet"))
+  src = json.load(open(tmp_path / "runs" / run / "config.json"))["analysis"]["source_data"]
+  assert (src["source"], src["name"]) == ("tfds", "reprsim_tiny_med")
+  assert np.allclose(df.knn_accuracy * 5, np.round(df.knn_accuracy * 5))
+
+
+@pytest.mark.slow
+def test_transfer_vs_ssl_full_setting(tmp_path, capsys, downloads):
+  read = _full("transfer_vs_ssl", tmp_path, capsys, downloads, source="reprsim_tiny_med",
+               objectives="supervised,simclr", pretrain_steps=3, ssl_steps=3, imbalances="1,5",
+               fractions="0.5", domains="gray=pneumoniamnist")
+  # Both sources pretrained here on the TFDS set, then fine-tuned on the two MedMNIST sets.
+  assert {name for _, name, _ in read} == {"dermamnist", "pneumoniamnist"}
+  inits = {init for _, _, init in read}
+  assert len(inits) == 2
+  for init in inits:
+    assert json.load(open(os.path.join(init, "config.json")))["data"]["source"] == "tfds"
+  assert len(pd.read_csv(tmp_path / "results.csv")) == 2 * 4
+
+
+@pytest.mark.slow
+def test_transferability_full_setting(tmp_path, capsys, downloads):
+  read = _full("transferability", tmp_path, capsys, downloads,
+               extra_sources=f"small=resnet_small@{PTH};r18=resnet18@{R18}",
+               targets="breastmnist,dermamnist", lrs="1e-2")
+  assert read == {("medmnist", t, w) for t in ("breastmnist", "dermamnist") for w in (PTH, R18)}
+  truth = pd.read_csv(tmp_path / "ground_truth.csv")
+  assert len(truth) == 2 * 2
+
+
+@pytest.mark.slow
+def test_confounders_full_setting(tmp_path, capsys, downloads):
+  read = _full("confounders", tmp_path, capsys, downloads,
+               target=dict(source="medmnist", name="pneumoniamnist", size=28),
+               sources=f"imagenet={PTH},random=", kinds="tag", ps="0,1", folds=2,
+               methods="full_ft")
+  assert read == {("medmnist", "pneumoniamnist", PTH), ("medmnist", "pneumoniamnist", "")}
+  df = pd.read_csv(tmp_path / "results.csv")
+  assert len(df) == 2 * 2 * 2  # sources x p x folds
