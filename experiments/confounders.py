@@ -227,8 +227,10 @@ def plot_auc(df: pd.DataFrame, path: str) -> None:
       ax.set_title(f"{kind}: {test} test set", fontsize=9)
       ax.set_xlabel("p (confounded fraction of positives)")
       ax.set_ylabel("AUC")
-    axes[-1, -1].annotate(f"mean ± std over {n} folds; grey line: chance", (1.0, -0.32),
-                          xycoords="axes fraction", ha="right", fontsize=8)
+    # Offset in points under the x label, whatever the panels' height.
+    axes[-1, -1].annotate(f"mean ± std over {n} folds; grey line: chance", (1.0, 0.0),
+                          xycoords="axes fraction", xytext=(0, -34), textcoords="offset points",
+                          ha="right", va="top", fontsize=8)
     plots.legend_above(fig, axes[0, 0], top=1 - 0.35 / (2.7 * len(kinds)))
     plots.save(fig, path)
 
