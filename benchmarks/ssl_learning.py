@@ -87,7 +87,7 @@ def ours(cfg, workdir: str) -> dict:
          "linear_probe": after["linear_probe_accuracy"],
          "effective_rank_at_init": before["effective_rank"],
          "effective_rank": after["effective_rank"]}
-  return {**{k: round(float(v), 3) for k, v in row.items()}, "seconds": round(time.time() - t0, 1)}
+  return {**{k: float(v) for k, v in row.items()}, "seconds": round(time.time() - t0, 1)}
 
 
 def lightly(python: str, objective: str, npz: str, steps: int) -> dict | None:
@@ -115,8 +115,9 @@ def main():
     for objective in args.objectives.split(","):
       cfg = config(objective, dataset, args.steps, data_dir)
       row = {"dataset": dataset, "objective": objective, "steps": args.steps}
+      mine = ours(cfg, os.path.join(workdir, f"{dataset}_{objective}"))
       print(json.dumps({**row, "implementation": "repsim_jax",
-                        **ours(cfg, os.path.join(workdir, f"{dataset}_{objective}"))}), flush=True)
+                        **{k: round(v, 3) for k, v in mine.items()}}), flush=True)
       if args.torch_python:
         npz = max(glob.glob(os.path.join(data_dir, f"synthetic_{dataset}_*.npz")),
                   key=os.path.getmtime)  # the file the run above read
