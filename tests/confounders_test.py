@@ -10,6 +10,7 @@ import pytest
 
 from repsim_jax import config_lib, data, train
 from repsim_jax.data import confounders as C, folds
+import _modules
 
 
 def _image(size=64, c=1, seed=0):
@@ -131,16 +132,10 @@ def test_a_non_binary_dataset_is_a_clear_error(tmp_path):
     data.load_dataset(cfg.data)
 
 
-STUDY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
 
 
 def _study():
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("confounders_study",
-                                                os.path.join(STUDY, "confounders.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+  return _modules.load("experiments/confounders.py", "confounders_study")
 
 
 @pytest.mark.slow

@@ -1,6 +1,5 @@
 """Self-supervised pretraining: losses, on-device views, EMA, the trainer's SSL step."""
 
-import importlib.util
 import itertools
 import json
 import math
@@ -15,6 +14,7 @@ import pytest
 
 from repsim_jax import checkpoint, config_lib, parallel, train
 from repsim_jax.ssl import augment, knn, losses, objectives
+import _modules
 from train_test import kill_after_checkpoint, set_keys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -346,19 +346,11 @@ def test_ssl_resume_after_sigkill_is_bitwise(tmp_path, objective):
 LEARNING = [("simclr", "natural", 0.03), ("byol", "medical_gray", 0.10)]
 
 
-def _benchmark(name: str):
-  """benchmarks/<name>.py as a module (the directory is not a package)."""
-  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "benchmarks", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("objective,dataset,margin", LEARNING)
 def test_pretraining_without_labels_beats_random_init(tmp_path, objective, dataset, margin):
   # benchmarks/ssl_learning.py's run: its settings, and its k-NN at init and after training.
-  ssl_learning = _benchmark("ssl_learning")
+  ssl_learning = _modules.load("benchmarks/ssl_learning.py")
   row = ssl_learning.ours(ssl_learning.config(objective, dataset, 1000, str(tmp_path / "data")),
                           str(tmp_path / "run"))
   print(f"{objective} on {dataset}: k-NN {row['knn_at_init']:.3f} at init -> {row['knn']:.3f}")

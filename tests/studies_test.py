@@ -2,7 +2,6 @@
 equal the CSVs (checked on synthetic result rows, no training), and end to end on tiny data with a
 re-run that trains nothing (slow)."""
 
-import importlib.util
 import json
 import os
 import re
@@ -12,16 +11,13 @@ import pandas as pd
 import pytest
 
 from repsim_jax import config_lib, studies
+import _modules
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def study(name):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "experiments",
-                                                                    f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return _modules.load(f"experiments/{name}.py")
 
 
 def assert_report_tables_match_csvs(workdir):
@@ -366,11 +362,7 @@ def downloads(tmp_path_factory):
       arrays[f"{split}_images"] = rng.integers(0, 256, shape, dtype=np.uint8)
       arrays[f"{split}_labels"] = (np.arange(n) % spec.num_classes).reshape(n, 1)
     np.savez(root / medmnist.medmnist_filename(name, 28), **arrays)
-  data_test = importlib.util.spec_from_file_location("data_test",
-                                                     os.path.join(REPO, "tests", "data_test.py"))
-  mod = importlib.util.module_from_spec(data_test)
-  data_test.loader.exec_module(mod)
-  mod._build_tiny_tfds(root)
+  _modules.load("tests/data_test.py")._build_tiny_tfds(root)
   return str(root)
 
 

@@ -2,7 +2,6 @@
 on tiny synthetic data with two small_cnn sources."""
 
 import glob
-import importlib.util
 import json
 import os
 
@@ -16,17 +15,14 @@ from repsim_jax.data import pipeline
 from repsim_jax.jobs import sweep, transferability as job
 from repsim_jax.transferability import scores
 from repsim_jax.transferability.lp_fu import fu_score, lp_score
+import _modules
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGET = "medical_gray"
 
 
 def _config_module(name):
-  spec = importlib.util.spec_from_file_location(f"_cfg_{name}", os.path.join(REPO, "configs",
-                                                                          f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return _modules.load(f"configs/{name}.py", f"_cfg_{name}")
 
 
 transfer_config = _config_module("transferability")

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from repsim_jax import config_lib, jobs
+import _modules
 from _tiny import FIXTURE, REPO, finetune_config
 
 R18 = os.path.join(FIXTURE, "torchvision_resnet18.safetensors")
@@ -113,11 +114,7 @@ def test_finetune_from_safetensors_on_the_command_line(tmp_path, shared_dir):
 
 def _sources(tmp_path):
   """name -> (init, model, extra config): every weight format config.model.init reads."""
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("convert_test",
-                                                os.path.join(REPO, "tests", "convert_test.py"))
-  ct = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(ct)
+  ct = _modules.load("tests/convert_test.py")
   from repsim_jax.models import convert
   vit = os.path.join(FIXTURE, "timm_vit_tiny_patch16_224.safetensors")
   npz = tmp_path / "ViT-Ti_16.npz"
